@@ -1,0 +1,9 @@
+"""Distillation losses, one registry: a method is chosen by name and adding one touches one place.
+
+Every loss takes the student and teacher outputs as a :class:`~distill.losses.base.DistillInputs`
+and returns a scalar; each documents its normalisation and τ² convention.
+"""
+from distill.losses.base import LOSSES, DistillInputs, build_loss
+from distill.losses import logit_kd  # noqa: F401  (registers "kd")
+
+__all__ = ["LOSSES", "DistillInputs", "build_loss"]

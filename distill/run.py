@@ -1,0 +1,56 @@
+"""The distill stage as one function: dataset + config (+ teacher checkpoint) -> student checkpoint.
+
+Both ``bckd distill`` and ``bckd run`` call :func:`distill_stage`; neither adds logic of its own.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from distill.checkpoint import load_student
+from distill.losses import build_loss
+from distill.trainer import TrainResult, train
+from runtime.config import DataConfig, KDConfig, ModelConfig, TrainConfig
+from runtime.data import open_dataset
+from runtime.data.preprocess import Preprocess
+from runtime.errors import BckdError
+from runtime.files import sha256_file
+
+
+def method_losses(method: str, kd: KDConfig) -> dict:
+    """The named, weighted distillation losses of ``method`` ('none', 'kd', or 'a+b')."""
+    if method == "none":
+        return {}
+    return {name: (build_loss(name, tau=kd.tau), kd.weight) for name in method.split("+")}
+
+
+def distill_stage(*, data: DataConfig, data_root: str | os.PathLike, model: ModelConfig,
+                  train_cfg: TrainConfig, out: str | os.PathLike, method: str = "none",
+                  kd: KDConfig | None = None, teacher: str | os.PathLike | None = None,
+                  resume: bool = False, force: bool = False,
+                  log: Callable[[str], None] = print) -> TrainResult:
+    """Train ``model`` on ``data_root`` (distilled from ``teacher`` unless method is 'none')."""
+    losses = method_losses(method, kd or KDConfig())
+    if losses and not teacher:
+        raise BckdError(f"method '{method}' distils from a teacher; pass --teacher CHECKPOINT "
+                        "(or use --method none)")
+    train_src = open_dataset(data_root, data.train_split, format=data.format)
+    val_src = open_dataset(data_root, data.val_split, format=data.format)
+    preprocess = Preprocess(size=tuple(data.input_size), ignore_index=train_src.ignore_index)
+    teacher_model, teacher_card = (load_student(teacher) if losses else (None, None))
+    if teacher_card is not None:
+        _check_teacher(teacher_card, train_src.classes, teacher)
+    data_info = {"root": str(Path(data_root).resolve()), "name": train_src.meta.get("name"),
+                 "train_split": data.train_split, "val_split": data.val_split,
+                 "dataset_json_sha256": sha256_file(Path(data_root) / "dataset.json")}
+    return train(model_cfg=model, train_cfg=train_cfg, train_source=train_src,
+                 val_source=val_src, preprocess=preprocess, classes=train_src.classes, out=out,
+                 teacher=teacher_model, teacher_card=teacher_card, losses=losses, method=method,
+                 data_info=data_info, resume=resume, force=force, log=log)
+
+
+def _check_teacher(card: dict, classes: list[str], path) -> None:
+    if list(card.get("classes", [])) != list(classes):
+        raise BckdError(f"teacher {path} was trained on classes {card.get('classes')} but the "
+                        f"dataset has {classes}; use a teacher trained on this dataset")

@@ -1,0 +1,20 @@
+"""bckd export stage: turn a trained student into deployable artifacts with their model cards.
+
+Importing this package is torch-free: only the torch -> ONNX step (:func:`export_onnx`) imports
+torch, inside the functions that trace the model, so ONNX checking and the later ONNX -> OpenVINO /
+TensorRT conversions run on a device without torch.
+"""
+from __future__ import annotations
+
+from export.onnx_export import SIMPLIFIERS, ExportWarning, check_onnx_file, export_onnx, simplify_model
+from export.parity import check_parity, compare_output
+
+__all__ = [
+    "SIMPLIFIERS",
+    "ExportWarning",
+    "check_onnx_file",
+    "check_parity",
+    "compare_output",
+    "export_onnx",
+    "simplify_model",
+]

@@ -1,0 +1,348 @@
+"""Torch -> ONNX export: trace, check, simplify, verify parity, and write the ONNX file with its card.
+
+This is the only place in ``export/`` that touches torch, and it imports torch inside the functions
+that need it, so ``import export`` (and :func:`check_onnx_file`) work on a torch-free device.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from export.parity import check_parity, describe_failure
+from runtime.backends import open_runner
+from runtime.card import new_card, tool_versions, write_card
+from runtime.errors import BckdError
+from runtime.files import atomic_path, refuse_existing, sha256_file
+from runtime.lazy import require
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+MIN_OPSET = 17  # first opset with LayerNormalization; older ones split it into many small ops
+DYNAMIC_AXES = {0: "batch", 2: "height", 3: "width"}
+_CARD_HEADER = ("card_version", "kind", "created", "host")
+
+
+class ExportWarning(UserWarning):
+    """An export step degraded (simplification skipped, parity out of tolerance)."""
+
+
+def export_onnx(
+    model: Any,
+    out_path: str | os.PathLike,
+    input_size: tuple[int, int],
+    *,
+    card: dict | None = None,
+    opset: int = 17,
+    dynamic: bool = True,
+    simplify: bool = True,
+    parity_size: tuple[int, int] | None = None,
+    parity_tol: float = 1e-4,
+    force: bool = False,
+) -> dict:
+    """Export ``model`` (NCHW float32 image -> (B, K, H, W) logits) to ONNX and return its card.
+
+    The model is traced at batch 1 x ``input_size``; with ``dynamic`` the batch, height and width
+    stay symbolic. Parity against ONNX Runtime runs at ``parity_size`` (default: a different size
+    and batch 2 when dynamic, the traced shape when static); a failure warns and is recorded in the
+    card, and the artifact is still written so it can be inspected.
+    """
+    out_path = Path(out_path)
+    input_size = _size_pair(input_size, "input_size")
+    parity_size, parity_batch = _parity_shape(input_size, parity_size, dynamic)
+    _check_opset(opset)
+    refuse_existing(out_path, "ONNX file", force)
+    onnx = require("onnx", "exporting to ONNX")
+    with _eval_mode(model):
+        traced_out = _traced_output_shape(model, input_size)
+        proto = _trace(model, input_size, opset, dynamic)
+        _pin_static_output_dims(proto, traced_out, dynamic)
+        _check_proto(proto, "the traced model")
+        proto, simp = simplify_model(proto) if simplify else (proto, _not_simplified(None))
+        with atomic_path(out_path) as tmp:
+            onnx.save_model(proto, tmp, format="protobuf")
+            parity = _torch_vs_onnxruntime(model, tmp, parity_size, parity_batch, parity_tol)
+            result = _build_card(card or {}, proto, tmp, opset, dynamic, input_size, simp, parity)
+    write_card(out_path, result)
+    if not parity["ok"]:
+        warnings.warn(
+            f"ONNX parity check failed for {out_path} ({describe_failure(parity)}); the file was "
+            "written and its card records parity.ok = false", ExportWarning, stacklevel=2,
+        )
+    return result
+
+
+def check_onnx_file(path: str | os.PathLike) -> Any:
+    """Load ``path`` and run the full ONNX checker; a broken file is a user error."""
+    onnx = require("onnx", "checking ONNX files")
+    path = Path(path)
+    if not path.is_file():
+        raise BckdError(f"ONNX file {path} not found; check the path")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises DecodeError, but other parse failures vary by version
+        raise BckdError(f"{path} is not a valid ONNX model ({_first_line(exc)}); re-export it") from exc
+    try:
+        _check_proto(proto, str(path))
+    except BckdError as exc:
+        reason = _first_line(exc.__cause__ or exc)
+        raise BckdError(f"{path} is not a valid ONNX model ({reason}); re-export it") from exc
+    return proto
+
+
+# -- argument checks -------------------------------------------------------------------------------
+def _size_pair(size: Any, what: str) -> tuple[int, int]:
+    try:
+        h, w = (int(s) for s in size)
+    except (TypeError, ValueError) as exc:
+        raise BckdError(f"{what} must be (height, width), got {size!r}") from exc
+    if h < 1 or w < 1:
+        raise BckdError(f"{what} must be positive, got {h}x{w}")
+    return h, w
+
+
+def _parity_shape(
+    input_size: tuple[int, int], parity_size: tuple[int, int] | None, dynamic: bool
+) -> tuple[tuple[int, int], int]:
+    """Parity size and batch: a new size and batch 2 test the dynamic axes; static is fixed."""
+    h, w = input_size
+    if not dynamic:
+        if parity_size is not None and _size_pair(parity_size, "parity_size") != input_size:
+            raise BckdError(
+                f"parity_size {parity_size} differs from the static input size {h}x{w}; "
+                "export with dynamic axes or drop parity_size"
+            )
+        return input_size, 1
+    if parity_size is None:
+        return (h + 32, w + 64), 2  # +32 keeps divisibility by typical output strides
+    return _size_pair(parity_size, "parity_size"), 2
+
+
+def _check_opset(opset: int) -> None:
+    high = _max_torchscript_opset()
+    if not MIN_OPSET <= opset <= high:
+        raise BckdError(
+            f"opset {opset} is not supported; bckd exports opsets {MIN_OPSET} to {high} "
+            f"(the highest the installed torch's TorchScript exporter supports); use --opset {MIN_OPSET}"
+        )
+
+
+def _max_torchscript_opset() -> int:
+    torch = require("torch", "exporting to ONNX")
+    # A private constant; 20 is its value in torch 2.x when it is absent.
+    constants = getattr(torch.onnx, "_constants", None)
+    return int(getattr(constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
+
+
+# -- tracing ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """Put ``model`` in eval mode and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _device(model: Any) -> Any:
+    torch = require("torch", "exporting to ONNX")
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _traced_output_shape(model: Any, input_size: tuple[int, int]) -> list[int]:
+    """Run the model once at the traced shape and check it returns full-resolution logits."""
+    torch = require("torch", "exporting to ONNX")
+    with torch.inference_mode():
+        y = model(torch.zeros(1, 3, *input_size, device=_device(model)))
+    if not isinstance(y, torch.Tensor) or y.ndim != 4 or tuple(y.shape[2:]) != input_size:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise BckdError(
+            f"the model must return one (B, K, H, W) logits tensor at the input size "
+            f"{input_size[0]}x{input_size[1]}, got {got}; upsample the logits inside forward()"
+        )
+    return list(y.shape)
+
+
+def _trace(model: Any, input_size: tuple[int, int], opset: int, dynamic: bool) -> Any:
+    """Trace with the TorchScript exporter (named dynamic axes) and return the ModelProto."""
+    torch = require("torch", "exporting to ONNX")
+    onnx = require("onnx", "exporting to ONNX")
+    dummy = torch.randn(1, 3, *input_size, device=_device(model))
+    axes = {INPUT_NAME: DYNAMIC_AXES, OUTPUT_NAME: DYNAMIC_AXES} if dynamic else None
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            # The legacy exporter is a deliberate choice; its deprecation notice is noise here.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model, (dummy,), buf, dynamo=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
+                do_constant_folding=True,
+            )
+    except torch.onnx.OnnxExporterError as exc:
+        raise BckdError(
+            f"torch.onnx.export failed at opset {opset} ({_first_line(exc)}); replace the "
+            "unsupported operation in the model or try a higher opset"
+        ) from exc
+    return onnx.load_model_from_string(buf.getvalue())
+
+
+def _pin_static_output_dims(proto: Any, traced_shape: list[int], dynamic: bool) -> None:
+    """Write traced sizes into non-dynamic output dims left symbolic by the exporter.
+
+    The TorchScript exporter names the class axis after a Resize (e.g. 'Resizelogits_dim_1')
+    instead of giving K, which hides the class count from every later tool.
+    """
+    dims = proto.graph.output[0].type.tensor_type.shape.dim
+    for axis, dim in enumerate(dims):
+        if dynamic and axis in DYNAMIC_AXES:
+            continue
+        if not dim.HasField("dim_value"):
+            dim.dim_value = traced_shape[axis]
+
+
+def _check_proto(proto: Any, what: str) -> None:
+    """Run the full ONNX checker (with shape inference) on an in-memory model."""
+    onnx = require("onnx", "checking ONNX files")
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise BckdError(f"{what} fails the ONNX checker ({_first_line(exc)})") from exc
+
+
+# -- simplification --------------------------------------------------------------------------------
+def _onnxsim(proto: Any) -> Any:
+    onnxsim = require("onnxsim", "simplifying ONNX graphs")
+    # No input shapes are passed, so dynamic axes stay symbolic.
+    simplified, check_ok = onnxsim.simplify(proto)
+    if not check_ok:
+        raise RuntimeError("onnxsim's output check failed")
+    return simplified
+
+
+# Tried in order until one succeeds; a fallback simplifier is one more entry.
+SIMPLIFIERS: list[tuple[str, Callable[[Any], Any]]] = [("onnxsim", _onnxsim)]
+
+
+def simplify_model(proto: Any) -> tuple[Any, dict]:
+    """Simplify with the first working entry of :data:`SIMPLIFIERS`; keep ``proto`` if none works.
+
+    Returns the graph to write and the card fields ``simplified``, ``simplifier`` and
+    ``simplify_error`` (the failures met on the way, or None).
+    """
+    errors = []
+    for name, simplifier in SIMPLIFIERS:
+        try:
+            # A copy, because simplifiers may edit their input and the original is the fallback.
+            candidate = simplifier(copy.deepcopy(proto))
+            _check_proto(candidate, f"the {name} output")
+            _same_io(proto, candidate)
+        except Exception as exc:  # any failure of an optional optimisation keeps the checked graph
+            errors.append(f"{name}: {_first_line(exc)}")
+            continue
+        return candidate, {
+            "simplified": True, "simplifier": name, "simplify_error": "; ".join(errors) or None,
+        }
+    warnings.warn(
+        f"could not simplify the ONNX graph ({'; '.join(errors)}); keeping the unsimplified graph",
+        ExportWarning, stacklevel=3,
+    )
+    return proto, _not_simplified("; ".join(errors))
+
+
+def _not_simplified(error: str | None) -> dict:
+    return {"simplified": False, "simplifier": None, "simplify_error": error}
+
+
+def _same_io(before: Any, after: Any) -> None:
+    """A simplifier must keep the graph's input and output names and ranks."""
+    def io_of(p: Any) -> list[tuple[str, int]]:
+        values = list(p.graph.input) + list(p.graph.output)
+        return [(v.name, len(v.type.tensor_type.shape.dim)) for v in values]
+
+    if io_of(before) != io_of(after):
+        raise RuntimeError(f"changed the graph inputs/outputs {io_of(before)} -> {io_of(after)}")
+
+
+# -- parity and card -------------------------------------------------------------------------------
+def _torch_vs_onnxruntime(
+    model: Any, onnx_path: Path, size: tuple[int, int], batch: int, tol: float
+) -> dict:
+    """Compare the torch model with the written ONNX file under ONNX Runtime."""
+    torch = require("torch", "exporting to ONNX")
+    device = _device(model)
+
+    def reference(x: Any) -> dict:
+        with torch.inference_mode():
+            return {OUTPUT_NAME: model(torch.from_numpy(x).to(device)).float().cpu().numpy()}
+
+    # card={} because the temporary file has no sidecar yet.
+    with open_runner("onnxruntime", onnx_path, card={}) as runner:
+        return check_parity(
+            reference, lambda x: {OUTPUT_NAME: runner.infer(x)},
+            size=size, batch=batch, tol=tol, backend="onnxruntime",
+        )
+
+
+def _build_card(
+    base: dict, proto: Any, onnx_file: Path, opset: int, dynamic: bool,
+    input_size: tuple[int, int], simp: dict, parity: dict,
+) -> dict:
+    """The ONNX card: the training card's fields plus what this export did."""
+    fields = {k: v for k, v in base.items() if k not in _CARD_HEADER}
+    card = new_card("onnx", **fields)
+    card.setdefault("input_size", list(input_size))
+    axes = {str(a): n for a, n in DYNAMIC_AXES.items()} if dynamic else {}
+    card["onnx"] = {
+        "opset": opset,
+        "dynamic_axes": {INPUT_NAME: axes, OUTPUT_NAME: axes} if dynamic else {},
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "input_shape": _graph_shape(proto.graph.input[0]),
+        "output_shape": _graph_shape(proto.graph.output[0]),
+        "traced_size": list(input_size),
+    }
+    card.update(simp)
+    card["precision"] = "fp32"
+    source = _source_entry(base.get("source"))
+    if source is not None:
+        card["source"] = source
+    card["tools"] = tool_versions("torch", "onnx", "onnxruntime", "onnxsim")
+    card["parity"] = parity
+    card["sha256"] = sha256_file(onnx_file)
+    return card
+
+
+def _graph_shape(value: Any) -> list[int | str]:
+    """A graph input/output shape with symbolic dims as their names."""
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param
+            for d in value.type.tensor_type.shape.dim]
+
+
+def _source_entry(source: Any) -> dict | None:
+    """``{path, sha256}`` of the checkpoint the model came from, hashing it if no hash is given."""
+    if source is None:
+        return None
+    entry = {"path": str(source)} if isinstance(source, (str, os.PathLike)) else dict(source)
+    if entry.get("sha256"):
+        return entry
+    path = Path(entry.get("path", ""))
+    if not path.is_file():
+        raise BckdError(
+            f"the card's source {str(path)!r} is not a file and carries no sha256; pass the "
+            "checkpoint's path (or its sha256) in card['source']"
+        )
+    entry["sha256"] = sha256_file(path)
+    return entry
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

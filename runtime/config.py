@@ -1,0 +1,229 @@
+"""Typed run configuration, mapped once from YAML.
+
+Configs are plain dataclasses validated at the edge: an unknown or misspelt key is a user error
+that names the closest valid key, a value of the wrong type names the expected type. Constructors
+elsewhere take typed keyword arguments and never see the YAML (style.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from runtime.errors import BckdError
+from runtime.registry import closest
+
+
+@dataclass
+class SynthConfig:
+    """The built-in procedural dataset (used when ``data.root`` is empty)."""
+
+    n_train: int = 600
+    n_val: int = 200
+    size: tuple[int, int] = (128, 128)
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how the network sees it."""
+
+    root: str = ""  # empty: synthesise the built-in dataset into the run folder
+    format: str = "folder"
+    train_split: str = "train"
+    val_split: str = "val"
+    input_size: tuple[int, int] = (128, 128)  # (H, W) fed to the network at eval/export
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class ModelConfig:
+    """A segmentor: backbone + head (see distill.models.build_segmentor)."""
+
+    backbone: str = "resnet18"
+    head: str = "pspnet"
+    width: float = 1.0
+    output_stride: int = 8
+    head_channels: int = 0  # 0: the head's default scaled by width
+    pretrained_backbone: str = ""  # path to torchvision-format weights; empty: random init
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation schedule (SGD + poly learning rate)."""
+
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    crop_size: tuple[int, int] = (128, 128)
+    scale_range: tuple[float, float] = (0.75, 1.5)
+    hflip: bool = True
+    brightness: float = 0.2  # max relative brightness jitter
+    seed: int = 0
+    threads: int = 0  # 0: all cores
+    val_every: int = 0  # epochs between validations; 0: only at the end
+    max_iters: int = 0  # 0: epochs * iterations per epoch
+
+
+@dataclass
+class KDConfig:
+    """A distillation method by name, with its weight and temperature."""
+
+    method: str = "kd"
+    weight: float = 1.0
+    tau: float = 1.0
+
+
+@dataclass
+class ExportConfig:
+    """torch -> ONNX export."""
+
+    opset: int = 17
+    dynamic: bool = True
+    simplify: bool = True
+
+
+@dataclass
+class ProfileConfig:
+    """Latency measurement protocol."""
+
+    warmup: int = 10
+    iters: int = 50
+    min_seconds: float = 2.0
+    threads: int = 0  # 0: all cores
+    batch: int = 1
+
+
+@dataclass
+class RunConfig:
+    """Everything ``bckd run`` needs: data, teacher, student, methods, export, profile."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(
+        default_factory=lambda: ModelConfig(backbone="resnet34", head="deeplabv3plus")
+    )
+    teacher_train: TrainConfig = field(default_factory=TrainConfig)
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(width=0.25))
+    student_train: TrainConfig = field(default_factory=TrainConfig)
+    methods: tuple[str, ...] = ("none", "kd")
+    kd: KDConfig = field(default_factory=KDConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    cache_dir: str = ""  # empty: $BCKD_CACHE or ~/.cache/bckd
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise BckdError(f"config '{where}' must be a mapping of keys, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise BckdError(f"config '{where}' must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise BckdError(f"config '{where}' must have {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except BckdError:
+                continue
+        raise BckdError(f"config '{where}' has an invalid value {value!r}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is type(None) and value is None:
+        return None
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise BckdError(f"config '{where}' must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build the dataclass ``cls`` from ``data``; unknown keys name the closest valid one."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in hints:
+            hint = closest(str(key), names)
+            suggestion = f"; did you mean '{hint}'?" if hint else ""
+            raise BckdError(
+                f"unknown config key '{path}'{suggestion} (valid keys here: {', '.join(names)})"
+            )
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain JSON-able data (tuples become lists)."""
+    return _jsonable(dataclasses.asdict(cfg))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def load_config(path: str | os.PathLike | None, cls: type = RunConfig) -> Any:
+    """Read a YAML config into ``cls``; None gives the built-in defaults."""
+    if path is None:
+        return cls()
+    import yaml  # pyyaml is a core dependency
+
+    path = Path(path)
+    if not path.is_file():
+        raise BckdError(f"config file {path} not found; pass an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BckdError(f"config file {path} is not valid YAML ({first}); fix the syntax") from exc
+    if not isinstance(data, dict):
+        raise BckdError(f"config file {path} must hold a mapping of keys at the top level")
+    return from_dict(cls, data)
+
+
+def quick_config() -> RunConfig:
+    """A shrunken run for tests and smoke checks (``bckd run --quick``)."""
+    cfg = RunConfig()
+    cfg.data.synth = SynthConfig(n_train=48, n_val=16, size=(64, 64), seed=0)
+    cfg.data.input_size = (64, 64)
+    cfg.teacher = ModelConfig(backbone="resnet18", head="pspnet", width=0.25)
+    cfg.student = ModelConfig(backbone="resnet18", head="pspnet", width=0.125)
+    for train in (cfg.teacher_train, cfg.student_train):
+        train.epochs = 1
+        train.batch_size = 8
+        train.crop_size = (64, 64)
+    cfg.profile = ProfileConfig(warmup=2, iters=10, min_seconds=0.2)
+    return cfg
+
+
+@dataclass
+class DistillConfig:
+    """``bckd distill`` on its own: one model trained on one dataset, optionally from a teacher."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kd: KDConfig = field(default_factory=KDConfig)

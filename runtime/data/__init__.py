@@ -1,0 +1,47 @@
+"""Datasets and the one preprocessing path, torch-free (architecture.md rules 1 and 2).
+
+Dataset loaders register in :data:`DATASETS` by format name and are opened with
+:func:`open_dataset`; each returns an object with ``ids``, ``classes``, ``num_classes``,
+``ignore_index``, ``palette``, ``__len__`` and ``load(i) -> (uint8 HxWx3 RGB, uint8 HxW mask)``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from runtime.registry import Registry
+
+# Defined before the loader modules are imported, because they register themselves into it.
+DATASETS: Registry[Callable[[str | os.PathLike, str], Any]] = Registry("dataset format")
+
+from runtime.data.preprocess import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocess,
+    read_image,
+    read_mask,
+    resize_image,
+    resize_mask,
+)
+from runtime.data.folder import FolderDataset, list_splits, write_dataset_meta  # noqa: E402
+
+
+def open_dataset(root: str | os.PathLike, split: str, format: str = "folder") -> Any:
+    """Open ``split`` of the dataset at ``root`` with the loader registered for ``format``."""
+    return DATASETS.get(format)(root, split)
+
+
+__all__ = [
+    "DATASETS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "FolderDataset",
+    "Preprocess",
+    "list_splits",
+    "open_dataset",
+    "read_image",
+    "read_mask",
+    "resize_image",
+    "resize_mask",
+    "write_dataset_meta",
+]

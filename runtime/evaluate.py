@@ -1,0 +1,35 @@
+"""Accuracy of any backend over a dataset split, accumulated as it streams.
+
+Images are read, preprocessed with the model card's preprocessing (the one path in
+:mod:`runtime.data.preprocess`) and scored into a confusion matrix one batch at a time, so memory
+stays bounded whatever the split size.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from runtime.data.preprocess import Preprocess
+from runtime.metrics import ConfusionMatrix
+
+
+def evaluate_runner(runner, dataset, preprocess: Preprocess, classes: list[str],
+                    batch_size: int = 1,
+                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """mIoU (fraction), pixel accuracy and per-class IoU of ``runner`` on ``dataset``."""
+    cm = ConfusionMatrix(len(classes), preprocess.ignore_index)
+    start = time.perf_counter()
+    n = len(dataset)
+    for lo in range(0, n, batch_size):
+        idx = range(lo, min(lo + batch_size, n))
+        pairs = [dataset.load(i) for i in idx]
+        x = preprocess.batch([img for img, _ in pairs])
+        logits = runner.infer(x)
+        cm.update(np.argmax(logits, axis=1), np.stack([preprocess.mask(m) for _, m in pairs]))
+        if progress:
+            progress(idx[-1] + 1, n)
+    summary = cm.summary(classes)
+    summary.update(images=n, seconds=round(time.perf_counter() - start, 3))
+    return summary

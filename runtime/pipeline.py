@@ -1,0 +1,156 @@
+"""``bckd run``: sequence the stages on the built-in default (or a config) and write the report.
+
+It only calls the stage functions — synth, distill, export, eval, profile — that the stage
+commands call too. The run is built in a staging folder and moved onto ``--out`` when complete,
+so an interrupted run leaves nothing half-written there. The teacher is cached by the hash of
+everything it depends on (data, config, code), so a second run reuses it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from runtime.config import RunConfig, to_dict
+from runtime.data import open_dataset
+from runtime.files import sha256_file, sha256_json, staged_dir
+from runtime.report import new_report, render_text, write_report
+
+Log = Callable[[str], None]
+
+
+def cache_root(cfg: RunConfig) -> Path:
+    """Where trained teachers are cached: config, $BCKD_CACHE, or ~/.cache/bckd."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    return Path(os.environ.get("BCKD_CACHE") or Path.home() / ".cache" / "bckd")
+
+
+def dataset_fingerprint(root: Path, splits: tuple[str, ...]) -> str:
+    """sha256 over dataset.json, the split lists and every image and mask they name."""
+    h = hashlib.sha256(sha256_file(root / "dataset.json").encode())
+    for split in splits:
+        ds = open_dataset(root, split)
+        for i in range(len(ds)):
+            h.update(sha256_file(ds.image_path(i)).encode())
+            h.update(sha256_file(ds.mask_path(i)).encode())
+    return h.hexdigest()
+
+
+def code_fingerprint() -> str:
+    """sha256 of the training code, so a code change retrains the cached teacher."""
+    import distill
+
+    h = hashlib.sha256()
+    for path in sorted(Path(distill.__file__).parent.rglob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def teacher_checkpoint(cfg: RunConfig, data_root: Path, fingerprint: str, log: Log) -> Path:
+    """The cached teacher for this data and config, training it on a miss."""
+    from distill.run import distill_stage
+
+    key = sha256_json({"teacher": to_dict(cfg.teacher), "train": to_dict(cfg.teacher_train),
+                       "data": fingerprint, "input_size": list(cfg.data.input_size),
+                       "code": code_fingerprint()})[:16]
+    entry = cache_root(cfg) / "teachers" / key
+    ckpt = entry / "teacher.pt"
+    if ckpt.is_file():
+        log(f"[teacher] reusing cached teacher {ckpt}")
+        return ckpt
+    log(f"[teacher] training {cfg.teacher.backbone}-{cfg.teacher.head} (cache miss, key {key})")
+    with staged_dir(entry, force=True) as tmp:
+        distill_stage(data=cfg.data, data_root=data_root, model=cfg.teacher,
+                      train_cfg=cfg.teacher_train, out=tmp / "teacher.pt", log=log)
+    return ckpt
+
+
+def measure(onnx_path: Path, data_root: Path, cfg: RunConfig, log: Log) -> dict[str, Any]:
+    """Evaluate and profile one ONNX artifact with ONNX Runtime; returns a report row."""
+    from runtime.backends import open_runner
+    from runtime.card import read_card
+    from runtime.data.preprocess import Preprocess
+    from runtime.evaluate import evaluate_runner
+    from runtime.profile import profile_runner
+
+    card = read_card(onnx_path)
+    pre = Preprocess.from_dict(card["preprocess"])
+    val = open_dataset(data_root, cfg.data.val_split, format=cfg.data.format)
+    threads = cfg.profile.threads or os.cpu_count() or 1
+    with open_runner("onnxruntime", onnx_path, threads=threads) as runner:
+        acc = evaluate_runner(runner, val, pre, card["classes"], batch_size=8)
+        x = pre.batch([val.load(0)[0]] * cfg.profile.batch)
+        lat = profile_runner(runner, x, warmup=cfg.profile.warmup, iters=cfg.profile.iters,
+                             min_seconds=cfg.profile.min_seconds, batch=cfg.profile.batch)
+        backend, precision, device = runner.backend, runner.precision, runner.device
+    stats = lat.to_dict()
+    a = card["arch"]
+    return {
+        "model": card.get("role", "student"), "method": card.get("method", "none"),
+        "arch": f"{a['backbone']}-{a['head']}-w{a['width']:g}", "backend": backend,
+        "precision": precision, "device": device, "threads": threads,
+        "input_size": list(pre.size), "miou": round(100 * acc["miou"], 2),
+        "pixel_acc": round(100 * acc["pixel_acc"], 2),
+        "per_class_iou": {k: (None if v is None else round(100 * v, 2))
+                          for k, v in acc["per_class_iou"].items()},
+        "latency_ms": {k: round(stats[k], 3) for k in ("p50", "p90", "p99", "mean", "std",
+                                                       "min", "max")},
+        "fps": round(stats["fps"], 1), "batch": cfg.profile.batch, "iterations": stats["n"],
+        "size_mb": round(onnx_path.stat().st_size / 2**20, 3), "params": card.get("params"),
+        "artifact": str(onnx_path.relative_to(onnx_path.parent.parent)),
+        "parity": card.get("parity"),
+    }
+
+
+def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
+                 log: Log = print) -> dict[str, Any]:
+    """Synthesise (or open) data, train teacher and students, export, measure, report."""
+    from distill.run import distill_stage
+    from export.api import export_checkpoint
+    from runtime.card import read_card, write_card
+    from runtime.data.synth import synthesize
+
+    start = time.perf_counter()
+    with staged_dir(out, force=force) as tmp:
+        data_root = Path(cfg.data.root) if cfg.data.root else tmp / "data"
+        if not cfg.data.root:
+            s = cfg.data.synth
+            log(f"[data] synthesising {s.n_train}+{s.n_val} images at {s.size} (seed {s.seed})")
+            synthesize(data_root, n_train=s.n_train, n_val=s.n_val, size=tuple(s.size),
+                       seed=s.seed)
+        fingerprint = dataset_fingerprint(data_root, (cfg.data.train_split, cfg.data.val_split))
+        teacher = teacher_checkpoint(cfg, data_root, fingerprint, log)
+        checkpoints = {("teacher", "none"): teacher}
+        for method in cfg.methods:
+            log(f"[student] training {cfg.student.backbone}-{cfg.student.head} "
+                f"w{cfg.student.width:g} with method '{method}'")
+            ckpt = tmp / "checkpoints" / f"student-{method}.pt"
+            distill_stage(data=cfg.data, data_root=data_root, model=cfg.student,
+                          train_cfg=cfg.student_train, out=ckpt, method=method, kd=cfg.kd,
+                          teacher=teacher, log=log)
+            checkpoints[("student", method)] = ckpt
+        rows = []
+        for (role, method), ckpt in checkpoints.items():
+            onnx_path = tmp / "onnx" / f"{role}-{method}.onnx"
+            log(f"[export] {ckpt.name} -> {onnx_path.relative_to(tmp)}")
+            card = export_checkpoint(ckpt, onnx_path, opset=cfg.export.opset,
+                                     dynamic=cfg.export.dynamic, simplify=cfg.export.simplify)
+            write_card(onnx_path, dict(card, role=role))
+            log(f"[measure] {role}/{method}: evaluating and profiling with onnxruntime")
+            rows.append(measure(onnx_path, data_root, cfg, log))
+        val = open_dataset(data_root, cfg.data.val_split, format=cfg.data.format)
+        report = new_report(to_dict(cfg), {
+            "name": val.meta.get("name"), "root": str(data_root if cfg.data.root else "data"),
+            "classes": val.classes, "train_split": cfg.data.train_split,
+            "val_split": cfg.data.val_split, "val_images": len(val), "fingerprint": fingerprint})
+        report["results"] = rows
+        report["wall_seconds"] = round(time.perf_counter() - start, 1)
+        write_report(tmp, report)
+    log("")
+    log(render_text(report))
+    log(f"\nwrote {Path(out) / 'report.json'} and {Path(out) / 'report.md'} "
+        f"in {report['wall_seconds']:.0f} s")
+    return report

@@ -1,0 +1,133 @@
+"""The run report: ``report.json`` (documented, versioned schema) and ``report.md``.
+
+Schema (``schema_version`` 1; later versions add fields and rows, never rename):
+
+* ``schema``: ``"bckd.report"``; ``schema_version``: int; ``created``: ISO-8601 UTC;
+  ``bckd_version``; ``host``: machine, processor, cpu_count, python.
+* ``dataset``: name, root, splits used, classes, fingerprint.
+* ``config``: the full run configuration as plain data.
+* ``results``: a list of rows, one per (model, method, backend, precision):
+
+  ==============  ==========================================================================
+  model           role of the network: ``teacher`` or ``student``
+  method          how it was trained: ``none`` (supervised only), ``kd``, ...
+  arch            architecture string, e.g. ``resnet18-pspnet-w0.25``
+  backend         runtime that produced the figures, e.g. ``onnxruntime``
+  precision       ``fp32``, ``fp16``, ``int8`` ...
+  device          ``cpu``, ``cuda:0`` ...
+  threads         intra-op threads used for the latency figures
+  input_size      [H, W] fed to the network
+  miou            mean IoU on the validation split, **in percent** (0-100)
+  pixel_acc       pixel accuracy, in percent
+  per_class_iou   {class: IoU in percent, or null when the class is absent}
+  latency_ms      {p50, p90, p99, mean, std, min, max} in milliseconds, batch ``batch``
+  fps             images per second from the mean latency
+  size_mb         artifact size on disk in MiB (10^6 bytes would be MB; we use 2^20)
+  params          parameter count of the network
+  artifact        path of the artifact measured, relative to the report
+  parity          torch vs backend check recorded at export (max_abs_diff, argmax_agreement)
+  ==============  ==========================================================================
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from runtime import __version__
+from runtime.files import atomic_write_json, atomic_write_text
+
+REPORT_SCHEMA = "bckd.report"
+REPORT_SCHEMA_VERSION = 1
+ROW_REQUIRED = ("model", "method", "backend", "precision", "miou", "latency_ms", "fps")
+LATENCY_KEYS = ("p50", "p90", "p99")
+
+
+def host_info() -> dict[str, Any]:
+    return {"machine": platform.machine(), "processor": platform.processor() or "unknown",
+            "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "system": platform.system()}
+
+
+def new_report(config: dict[str, Any], dataset: dict[str, Any]) -> dict[str, Any]:
+    """An empty report with the header filled in."""
+    return {"schema": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "bckd_version": __version__, "host": host_info(), "dataset": dataset,
+            "config": config, "results": []}
+
+
+def validate_row(row: dict[str, Any]) -> None:
+    """Raise ValueError if a result row lacks a field the schema promises."""
+    missing = [k for k in ROW_REQUIRED if k not in row]
+    missing += [f"latency_ms.{k}" for k in LATENCY_KEYS if k not in row.get("latency_ms", {})]
+    if missing:
+        raise ValueError(f"report row is missing {', '.join(missing)}")
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+TABLE_COLUMNS = (
+    ("model", "model", lambda r: r["model"]),
+    ("method", "method", lambda r: r["method"]),
+    ("arch", "arch", lambda r: r.get("arch")),
+    ("backend", "backend", lambda r: r["backend"]),
+    ("precision", "precision", lambda r: r["precision"]),
+    ("mIoU %", "miou", lambda r: r["miou"]),
+    ("p50 ms", "p50", lambda r: r["latency_ms"]["p50"]),
+    ("p99 ms", "p99", lambda r: r["latency_ms"]["p99"]),
+    ("FPS", "fps", lambda r: r["fps"]),
+    ("size MiB", "size_mb", lambda r: r.get("size_mb")),
+)
+
+
+def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = [c[0] for c in TABLE_COLUMNS]
+    body = [[_fmt(get(row)) for _, _, get in TABLE_COLUMNS] for row in report["results"]]
+    return header, body
+
+
+def render_text(report: dict[str, Any]) -> str:
+    """A plain, aligned console table of the results."""
+    header, body = table_rows(report)
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """report.md: a header with host and data, then the results table."""
+    header, body = table_rows(report)
+    host = report["host"]
+    lines = [
+        "# bckd report", "",
+        f"- created: {report['created']} (bckd {report['bckd_version']})",
+        f"- host: {host['machine']} {host['processor']}, {host['cpu_count']} cores, "
+        f"Python {host['python']}",
+        f"- dataset: {report['dataset'].get('name')} "
+        f"(validation split `{report['dataset'].get('val_split')}`, "
+        f"{report['dataset'].get('val_images')} images)", "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    lines += ["| " + " | ".join(b) + " |" for b in body]
+    lines += ["", "mIoU in percent on the validation split; latency is single-stream, batch 1, "
+              "with the thread count recorded per row in report.json.", ""]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> tuple[Path, Path]:
+    """Validate the rows and write report.json and report.md atomically."""
+    for row in report["results"]:
+        validate_row(row)
+    out_dir = Path(out_dir)
+    return (atomic_write_json(out_dir / "report.json", report),
+            atomic_write_text(out_dir / "report.md", render_markdown(report)))

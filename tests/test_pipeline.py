@@ -1,0 +1,91 @@
+"""End to end: `bckd run --quick`, then each stage command on its files."""
+import json
+from pathlib import Path
+
+import pytest
+
+from runtime.cli import main
+from runtime.report import LATENCY_KEYS, ROW_REQUIRED
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("quick")
+    out, cache = base / "run", base / "cache"
+    assert main(["run", "--quick", "--out", str(out), "--cache-dir", str(cache)]) == 0
+    return out, cache
+
+
+def test_report_schema_and_rows(quick_run):
+    out, _ = quick_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema"] == "bckd.report" and report["schema_version"] == 1
+    rows = report["results"]
+    assert [(r["model"], r["method"]) for r in rows] == [
+        ("teacher", "none"), ("student", "none"), ("student", "kd")]
+    for row in rows:
+        for key in ROW_REQUIRED:
+            assert key in row
+        for key in LATENCY_KEYS:
+            assert row["latency_ms"][key] > 0
+        assert row["latency_ms"]["p50"] <= row["latency_ms"]["p90"] <= row["latency_ms"]["p99"]
+        assert 0 <= row["miou"] <= 100 and row["fps"] > 0
+        assert row["backend"] == "onnxruntime" and row["precision"] == "fp32"
+        assert row["parity"]["ok"], row["parity"]
+        assert (out / row["artifact"]).is_file()
+    teacher, student = rows[0], rows[1]
+    assert teacher["params"] > student["params"]
+    md = (out / "report.md").read_text()
+    assert "| teacher | none |" in md and "| student | kd |" in md
+
+
+def test_no_partial_dirs_left(quick_run):
+    out, _ = quick_run
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".partial")]
+
+
+def test_existing_out_is_refused_and_untouched(quick_run, capsys):
+    out, cache = quick_run
+    before = sorted(p.name for p in out.rglob("*"))
+    assert main(["run", "--quick", "--out", str(out), "--cache-dir", str(cache)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_teacher_is_cached(quick_run):
+    _, cache = quick_run
+    assert len(list((cache / "teachers").glob("*/teacher.pt"))) == 1
+
+
+def test_stage_commands_on_run_outputs(quick_run, tmp_path, capsys):
+    out, _ = quick_run
+    data, ckpt = out / "data", out / "checkpoints" / "student-kd.pt"
+    onnx = tmp_path / "s.onnx"
+    assert main(["export", str(ckpt), "--out", str(onnx)]) == 0
+    assert (tmp_path / "s.onnx.card.json").is_file()
+    assert main(["eval", str(onnx), "--data", str(data), "--out", str(tmp_path / "e.json")]) == 0
+    ev = json.loads((tmp_path / "e.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert ev["miou"] * 100 == pytest.approx(report["results"][2]["miou"], abs=0.01)
+    assert main(["profile", str(onnx), "--iters", "5", "--min-seconds", "0.1"]) == 0
+    # the same export again is refused, the static export rejects other sizes
+    assert main(["export", str(ckpt), "--out", str(onnx)]) == 1
+    static = tmp_path / "static.onnx"
+    assert main(["export", str(ckpt), "--out", str(static), "--static"]) == 0
+    capsys.readouterr()
+    assert main(["profile", str(static), "--size", "48", "--iters", "2"]) == 1
+    assert "does not match" in capsys.readouterr().err
+
+
+def test_distill_resume_continues_from_state(quick_run, tmp_path):
+    out, _ = quick_run
+    ckpt = tmp_path / "s.pt"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  width: 0.125\ntrain:\n  batch_size: 8\n")
+    args = ["distill", "--data", str(out / "data"), "--out", str(ckpt), "--input-size", "64",
+            "--config", str(cfg)]
+    assert main(args + ["--epochs", "1"]) == 0
+    assert main(args + ["--epochs", "1"]) == 1  # exists and no --resume: refused
+    assert main(args + ["--epochs", "2", "--resume"]) == 0
+    card = json.loads((tmp_path / "s.pt.card.json").read_text())
+    assert [h["epoch"] for h in card["history"]] == [1, 2]

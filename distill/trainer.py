@@ -55,6 +55,38 @@ def set_threads(threads: int) -> int:
     return n
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; an unavailable device is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BckdError(f"train.device is '{name}' but no CUDA device is available; use 'cpu'")
+    return device
+
+
+def resolve_amp(name: str, device: torch.device) -> str:
+    """'auto' -> bf16 where the device computes it natively (CUDA, or a CPU with AVX512-BF16/AMX)."""
+    if name not in ("auto", "none", *AMP_DTYPES):
+        raise BckdError(f"train.amp must be auto, bf16, fp16 or none, got '{name}'")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "none"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -72,12 +104,13 @@ def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, dataset: SegDataset, num_classes: int,
                    batch_size: int = 16) -> ConfusionMatrix:
-    """Confusion matrix of ``model`` over an evaluation-view dataset (no augmentation)."""
+    """Confusion matrix of ``model`` (in fp32) over an evaluation-view dataset."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     cm = ConfusionMatrix(num_classes, dataset.preprocess.ignore_index)
     for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        cm.update(model(x).argmax(1).numpy(), y.numpy())
+        cm.update(model(x.to(device)).argmax(1).cpu().numpy(), y.numpy())
     model.train(was_training)
     return cm
 
@@ -103,10 +136,14 @@ class Trainer:
             self.optimizer, lambda it: max(1.0 - it / total, 0.0) ** power)
         self.epoch, self.iteration = 0, 0
         self.history: list[dict[str, float]] = []
+        self.device = next(task.student.parameters()).device
+        self.amp = resolve_amp(cfg.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
     def state_dict(self) -> dict[str, Any]:
         return {"task": self.task.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch,
                 "iteration": self.iteration, "history": self.history,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                         "python": random.getstate()}}
@@ -115,6 +152,7 @@ class Trainer:
         self.task.load_state_dict(state["task"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iteration = state["epoch"], state["iteration"]
         self.history = state["history"]
         torch.set_rng_state(state["rng"]["torch"])
@@ -128,7 +166,13 @@ class Trainer:
                           drop_last=True, generator=gen)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        terms = self.task(x, y, progress=self.iteration / self.max_iters)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # Forward passes run under autocast; every loss casts its inputs to fp32 itself.
+        with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(self.amp),
+                            enabled=self.amp != "none"):
+            terms = self.task(x, y, progress=self.iteration / self.max_iters)
         total = terms["total"]
         if not torch.isfinite(total):
             raise BckdError(f"the training loss became {total.item()} at iteration "
@@ -137,8 +181,9 @@ class Trainer:
                             + "); the last good checkpoint is kept; lower the learning rate "
                               "or the distillation weights")
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         self.iteration += 1
         return {k: v.item() for k, v in terms.items()}
@@ -180,7 +225,14 @@ def train(*, model_cfg: ModelConfig, train_cfg: TrainConfig, train_source, val_s
         refuse_existing(out, "checkpoint", force)
     threads = set_threads(train_cfg.threads)
     seed_everything(train_cfg.seed)
-    student = build_model(model_cfg, len(classes))
+    device = resolve_device(train_cfg.device)
+    student = build_model(model_cfg, len(classes)).to(device)
+    if train_cfg.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher = teacher.to(device)
+        if train_cfg.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
     task = DistillTask(student, teacher, losses, preprocess.ignore_index)
     aug = Augment(train_cfg.crop_size, train_cfg.scale_range, train_cfg.hflip, train_cfg.brightness)
     train_set = SegDataset(train_source, preprocess, aug, seed=train_cfg.seed)
@@ -210,6 +262,7 @@ def train(*, model_cfg: ModelConfig, train_cfg: TrainConfig, train_source, val_s
         metrics={"val_miou": val["miou"], "val_pixel_acc": val["pixel_acc"],
                  "per_class_iou": val["per_class_iou"]},
         train_seconds=round(seconds, 2), threads=threads, history=trainer.history,
+        device=str(device), amp=trainer.amp,
         tools=tool_versions("torch", "numpy"))
-    card = save_student(out, student, card)
+    card = save_student(out, student.cpu().to(memory_format=torch.contiguous_format), card)
     return TrainResult(out, card, val, seconds, trainer.history)

@@ -58,7 +58,7 @@ class TrainConfig:
 
     epochs: int = 20
     batch_size: int = 8
-    lr: float = 0.01
+    lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 5e-4
     poly_power: float = 0.9
@@ -70,6 +70,9 @@ class TrainConfig:
     threads: int = 0  # 0: all cores
     val_every: int = 0  # epochs between validations; 0: only at the end
     max_iters: int = 0  # 0: epochs * iterations per epoch
+    device: str = "auto"  # auto: cuda if available, else cpu
+    amp: str = "auto"  # auto | bf16 | fp16 | none; auto: bf16 where the device runs it natively
+    channels_last: bool = True
 
 
 @dataclass
@@ -106,12 +109,13 @@ class RunConfig:
     """Everything ``bckd run`` needs: data, teacher, student, methods, export, profile."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    # Sized so that the whole default run, teacher included, fits in 15 min on 2 CPU cores.
     teacher: ModelConfig = field(
-        default_factory=lambda: ModelConfig(backbone="resnet34", head="deeplabv3plus")
+        default_factory=lambda: ModelConfig(backbone="resnet18", head="deeplabv3plus", width=0.5)
     )
-    teacher_train: TrainConfig = field(default_factory=TrainConfig)
+    teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=25))
     student: ModelConfig = field(default_factory=lambda: ModelConfig(width=0.25))
-    student_train: TrainConfig = field(default_factory=TrainConfig)
+    student_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20))
     methods: tuple[str, ...] = ("none", "kd")
     kd: KDConfig = field(default_factory=KDConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

@@ -45,8 +45,19 @@ ROW_REQUIRED = ("model", "method", "backend", "precision", "miou", "latency_ms",
 LATENCY_KEYS = ("p50", "p90", "p99")
 
 
+def cpu_name() -> str:
+    """The CPU model name (from /proc/cpuinfo on Linux), or what platform knows."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def host_info() -> dict[str, Any]:
-    return {"machine": platform.machine(), "processor": platform.processor() or "unknown",
+    return {"machine": platform.machine(), "processor": cpu_name(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "system": platform.system()}
 

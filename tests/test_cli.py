@@ -1,4 +1,5 @@
 """CLI hygiene: every --help runs without torch, and user errors are one line with exit 1."""
+import json
 import os
 import subprocess
 import sys
@@ -55,24 +56,25 @@ def test_bad_arguments_exit_1(capsys):
     assert "size must be" in capsys.readouterr().err
 
 
-def test_missing_dataset_is_one_line(tmp_path, capsys):
+def _broken_model(tmp_path, content: bytes):
+    """An ONNX path with valid card but ``content`` as the model bytes."""
     model = tmp_path / "m.onnx"
-    model.write_bytes(b"not an onnx model")
-    (tmp_path / "m.onnx.card.json").write_text('{"kind": "onnx", "preprocess": '
-                                               '{"size": [8, 8], "mean": [0, 0, 0], '
-                                               '"std": [1, 1, 1], "ignore_index": 255}, '
-                                               '"classes": ["a", "b"]}')
+    model.write_bytes(content)
+    card = {"kind": "onnx", "classes": ["a", "b"],
+            "preprocess": {"size": [8, 8], "mean": [0, 0, 0], "std": [1, 1, 1],
+                           "ignore_index": 255}}
+    (tmp_path / "m.onnx.card.json").write_text(json.dumps(card))
+    return model
+
+
+def test_missing_dataset_is_one_line(tmp_path, capsys):
+    model = _broken_model(tmp_path, b"not an onnx model")
     _expect_user_error(capsys, ["eval", str(model), "--data", str(tmp_path / "nodata")],
                        "nodata")
 
 
 def test_corrupt_onnx_is_one_line(tmp_path, capsys):
-    model = tmp_path / "m.onnx"
-    model.write_bytes(b"\x08\x07garbage")
-    (tmp_path / "m.onnx.card.json").write_text('{"kind": "onnx", "preprocess": '
-                                               '{"size": [8, 8], "mean": [0, 0, 0], '
-                                               '"std": [1, 1, 1], "ignore_index": 255}, '
-                                               '"classes": ["a"]}')
+    model = _broken_model(tmp_path, b"\x08\x07garbage")
     _expect_user_error(capsys, ["profile", str(model)], "m.onnx")
 
 

@@ -28,9 +28,13 @@ def method_losses(method: str, kd: KDConfig) -> dict:
 def distill_stage(*, data: DataConfig, data_root: str | os.PathLike, model: ModelConfig,
                   train_cfg: TrainConfig, out: str | os.PathLike, method: str = "none",
                   kd: KDConfig | None = None, teacher: str | os.PathLike | None = None,
-                  resume: bool = False, force: bool = False,
+                  resume: bool = False, force: bool = False, root_label: str | None = None,
                   log: Callable[[str], None] = print) -> TrainResult:
-    """Train ``model`` on ``data_root`` (distilled from ``teacher`` unless method is 'none')."""
+    """Train ``model`` on ``data_root`` (distilled from ``teacher`` unless method is 'none').
+
+    ``root_label`` is what the card records as the data root (default: the resolved path); the
+    end-to-end run passes a path relative to its output folder.
+    """
     losses = method_losses(method, kd or KDConfig())
     if losses and not teacher:
         raise BckdError(f"method '{method}' distils from a teacher; pass --teacher CHECKPOINT "
@@ -41,7 +45,7 @@ def distill_stage(*, data: DataConfig, data_root: str | os.PathLike, model: Mode
     teacher_model, teacher_card = (load_student(teacher) if losses else (None, None))
     if teacher_card is not None:
         _check_teacher(teacher_card, train_src.classes, teacher)
-    data_info = {"root": str(Path(data_root).resolve()), "name": train_src.meta.get("name"),
+    data_info = {"root": root_label or str(Path(data_root).resolve()), "name": train_src.meta.get("name"),
                  "train_split": data.train_split, "val_split": data.val_split,
                  "dataset_json_sha256": sha256_file(Path(data_root) / "dataset.json")}
     return train(model_cfg=model, train_cfg=train_cfg, train_source=train_src,

@@ -10,9 +10,14 @@ from typing import Any
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, opset: int = 17,
-                      dynamic: bool = True, simplify: bool = True,
-                      force: bool = False) -> dict[str, Any]:
-    """Export a bckd checkpoint to ONNX at its card's input size; returns the ONNX card."""
+                      dynamic: bool = True, simplify: bool = True, force: bool = False,
+                      extra: dict[str, Any] | None = None,
+                      source_label: str | None = None) -> dict[str, Any]:
+    """Export a bckd checkpoint to ONNX at its card's input size; returns the ONNX card.
+
+    ``extra`` fields are added to the card; ``source_label`` is what it records as the source
+    path (default: the path as given).
+    """
     from distill.checkpoint import load_student
     from export.onnx_export import export_onnx
     from runtime.files import refuse_existing
@@ -20,7 +25,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     refuse_existing(out, "output", force)
     model, card = load_student(checkpoint)
     size = tuple(card["preprocess"]["size"])
-    card = dict(card, source={"path": str(Path(checkpoint)), "sha256": card.get("sha256")})
+    card = dict(card, **(extra or {}),
+                source={"path": source_label or str(Path(checkpoint)), "sha256": card.get("sha256")})
     for key in ("history", "sha256"):
         card.pop(key, None)
     return export_onnx(model, out, size, card=card, opset=opset, dynamic=dynamic,

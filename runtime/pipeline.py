@@ -63,12 +63,15 @@ def teacher_checkpoint(cfg: RunConfig, data_root: Path, fingerprint: str, log: L
         return ckpt
     log(f"[teacher] training {cfg.teacher.backbone}-{cfg.teacher.head} (cache miss, key {key})")
     with staged_dir(entry, force=True) as tmp:
+        # The cached teacher outlives this run's folder: record the data by its fingerprint.
         distill_stage(data=cfg.data, data_root=data_root, model=cfg.teacher,
-                      train_cfg=cfg.teacher_train, out=tmp / "teacher.pt", log=log)
+                      train_cfg=cfg.teacher_train, out=tmp / "teacher.pt",
+                      root_label=cfg.data.root or f"built-in synthetic data {fingerprint[:16]}",
+                      log=log)
     return ckpt
 
 
-def measure(onnx_path: Path, data_root: Path, cfg: RunConfig, log: Log) -> dict[str, Any]:
+def measure(onnx_path: Path, data_root: Path, run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
     """Evaluate and profile one ONNX artifact with ONNX Runtime; returns a report row."""
     from runtime.backends import open_runner
     from runtime.card import read_card
@@ -100,7 +103,7 @@ def measure(onnx_path: Path, data_root: Path, cfg: RunConfig, log: Log) -> dict[
                                                        "min", "max")},
         "fps": round(stats["fps"], 1), "batch": cfg.profile.batch, "iterations": stats["n"],
         "size_mb": round(onnx_path.stat().st_size / 2**20, 3), "params": card.get("params"),
-        "artifact": str(onnx_path.relative_to(onnx_path.parent.parent)),
+        "artifact": str(onnx_path.relative_to(run_dir)),
         "parity": card.get("parity"),
     }
 
@@ -110,12 +113,13 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
     """Synthesise (or open) data, train teacher and students, export, measure, report."""
     from distill.run import distill_stage
     from export.api import export_checkpoint
-    from runtime.card import read_card, write_card
     from runtime.data.synth import synthesize
 
     start = time.perf_counter()
     with staged_dir(out, force=force) as tmp:
         data_root = Path(cfg.data.root) if cfg.data.root else tmp / "data"
+        # Paths recorded in cards are relative to the run folder when they live inside it.
+        root_label = cfg.data.root or "data"
         if not cfg.data.root:
             s = cfg.data.synth
             log(f"[data] synthesising {s.n_train}+{s.n_val} images at {s.size} (seed {s.seed})")
@@ -130,20 +134,21 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
             ckpt = tmp / "checkpoints" / f"student-{method}.pt"
             distill_stage(data=cfg.data, data_root=data_root, model=cfg.student,
                           train_cfg=cfg.student_train, out=ckpt, method=method, kd=cfg.kd,
-                          teacher=teacher, log=log)
+                          teacher=teacher, root_label=root_label, log=log)
             checkpoints[("student", method)] = ckpt
         rows = []
         for (role, method), ckpt in checkpoints.items():
             onnx_path = tmp / "onnx" / f"{role}-{method}.onnx"
             log(f"[export] {ckpt.name} -> {onnx_path.relative_to(tmp)}")
-            card = export_checkpoint(ckpt, onnx_path, opset=cfg.export.opset,
-                                     dynamic=cfg.export.dynamic, simplify=cfg.export.simplify)
-            write_card(onnx_path, dict(card, role=role))
+            label = str(ckpt.relative_to(tmp)) if ckpt.is_relative_to(tmp) else str(ckpt)
+            export_checkpoint(ckpt, onnx_path, opset=cfg.export.opset,
+                              dynamic=cfg.export.dynamic, simplify=cfg.export.simplify,
+                              extra={"role": role}, source_label=label)
             log(f"[measure] {role}/{method}: evaluating and profiling with onnxruntime")
-            rows.append(measure(onnx_path, data_root, cfg, log))
+            rows.append(measure(onnx_path, data_root, tmp, cfg))
         val = open_dataset(data_root, cfg.data.val_split, format=cfg.data.format)
         report = new_report(to_dict(cfg), {
-            "name": val.meta.get("name"), "root": str(data_root if cfg.data.root else "data"),
+            "name": val.meta.get("name"), "root": root_label,
             "classes": val.classes, "train_split": cfg.data.train_split,
             "val_split": cfg.data.val_split, "val_images": len(val), "fingerprint": fingerprint})
         report["results"] = rows

@@ -25,6 +25,7 @@ def _current_umask() -> int:
 
 # mkstemp creates 0600 files; artifacts get the permissions a plain open() would give them.
 _FILE_MODE = 0o666 & ~_current_umask()
+_DIR_MODE = 0o777 & ~_current_umask()
 
 
 @contextlib.contextmanager
@@ -80,6 +81,7 @@ def staged_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     refuse_existing(path, "output directory", force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    os.chmod(tmp, _DIR_MODE)
     try:
         yield tmp
         if path.exists():  # only reachable with force

@@ -242,17 +242,20 @@ def train(*, model_cfg: ModelConfig, train_cfg: TrainConfig, train_source, val_s
         trainer.load_state_dict(load_state(resume_from))
         log(f"resumed from {resume_from} at epoch {trainer.epoch}")
     start = time.perf_counter()
+    val = None  # the latest validation, reused at the end if it scored the final weights
     while trainer.iteration < trainer.max_iters:
         terms = trainer.run_epoch()
         record = {"epoch": trainer.epoch, **terms, "lr": trainer.scheduler.get_last_lr()[0]}
+        val = None
         if train_cfg.val_every and trainer.epoch % train_cfg.val_every == 0:
-            record["val_miou"] = trainer.validate()["miou"]
+            val = trainer.validate()
+            record["val_miou"] = val["miou"]
         trainer.history.append(record)
         log("  epoch %d/%d  " % (trainer.epoch, trainer.epochs)
             + "  ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
         save_state(resume_from, trainer.state_dict())
     seconds = time.perf_counter() - start
-    val = trainer.validate()
+    val = val or trainer.validate()
     card = new_card(
         "checkpoint", task="semseg", arch=student.arch, classes=list(classes),
         num_classes=len(classes), preprocess=preprocess.to_dict(), method=method,

@@ -46,11 +46,3 @@ def require(module: str, purpose: str = "") -> ModuleType:
             f"{module} is needed{why} but is not installed ({exc}); install it with: {install_hint(module)}"
         ) from exc
 
-
-def available(module: str) -> bool:
-    """True if ``module`` can be imported (without raising on absence)."""
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True

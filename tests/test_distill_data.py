@@ -1,6 +1,5 @@
 """The torch dataset wrapper: augmentation keeps image and label aligned and is reproducible."""
 import numpy as np
-import pytest
 import torch
 
 from distill.data import Augment, SegDataset, augment_pair

@@ -1,6 +1,5 @@
 """End to end: `bckd run --quick`, then each stage command on its files."""
 import json
-from pathlib import Path
 
 import pytest
 

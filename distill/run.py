@@ -9,20 +9,13 @@ from pathlib import Path
 from typing import Callable
 
 from distill.checkpoint import load_student
-from distill.losses import build_loss
+from distill.losses import method_names
 from distill.trainer import TrainResult, train
 from runtime.config import DataConfig, KDConfig, ModelConfig, TrainConfig
 from runtime.data import open_dataset
 from runtime.data.preprocess import Preprocess
 from runtime.errors import BckdError
 from runtime.files import sha256_file
-
-
-def method_losses(method: str, kd: KDConfig) -> dict:
-    """The named, weighted distillation losses of ``method`` ('none', 'kd', or 'a+b')."""
-    if method == "none":
-        return {}
-    return {name: (build_loss(name, tau=kd.tau), kd.weight) for name in method.split("+")}
 
 
 def distill_stage(*, data: DataConfig, data_root: str | os.PathLike, model: ModelConfig,
@@ -35,7 +28,8 @@ def distill_stage(*, data: DataConfig, data_root: str | os.PathLike, model: Mode
     ``root_label`` is what the card records as the data root (default: the resolved path); the
     end-to-end run passes a path relative to its output folder.
     """
-    losses = method_losses(method, kd or KDConfig())
+    kd = kd or KDConfig()
+    losses = method_names(method, kd.options)
     if losses and not teacher:
         raise BckdError(f"method '{method}' distils from a teacher; pass --teacher CHECKPOINT "
                         "(or use --method none)")
@@ -50,7 +44,7 @@ def distill_stage(*, data: DataConfig, data_root: str | os.PathLike, model: Mode
                  "dataset_json_sha256": sha256_file(Path(data_root) / "dataset.json")}
     return train(model_cfg=model, train_cfg=train_cfg, train_source=train_src,
                  val_source=val_src, preprocess=preprocess, classes=train_src.classes, out=out,
-                 teacher=teacher_model, teacher_card=teacher_card, losses=losses, method=method,
+                 teacher=teacher_model, teacher_card=teacher_card, method=method, kd_options=kd.options,
                  data_info=data_info, resume=resume, force=force, log=log)
 
 

@@ -37,19 +37,21 @@ class DistillTask(nn.Module):
             self.teacher.eval()  # frozen BN statistics whatever the task's mode
         return self
 
-    def _run(self, model: nn.Module, x: torch.Tensor):
+    def _run(self, model: nn.Module, x: torch.Tensor) -> dict:
         if self.needs_features:
-            return model.forward_with_features(x)
-        return model(x), []
+            return model.forward_taps(x)
+        return {"logits": model(x), "stages": [], "decoder": None}
 
-    def forward(self, images: torch.Tensor, target: torch.Tensor,
-                progress: float = 0.0) -> dict[str, torch.Tensor]:
-        logits, feats = self._run(self.student, images)
-        terms = {"task": F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)}
+    def forward(self, images: torch.Tensor, target: torch.Tensor, progress: float = 0.0,
+                epoch: int = 0, epochs: int = 1) -> dict[str, torch.Tensor]:
+        s = self._run(self.student, images)
+        terms = {"task": F.cross_entropy(s["logits"].float(), target,
+                                         ignore_index=self.ignore_index)}
         if self.losses:
             with torch.no_grad():
-                t_logits, t_feats = self._run(self.teacher, images)
-            inputs = DistillInputs(logits, t_logits, feats, t_feats, target, progress)
+                t = self._run(self.teacher, images)
+            inputs = DistillInputs(s["logits"], t["logits"], s["stages"], t["stages"], target,
+                                   progress, s["decoder"], t["decoder"], epoch, epochs)
             for name, loss in self.losses.items():
                 terms[name] = self.weights[name] * loss(inputs)
         terms["total"] = sum(terms.values())

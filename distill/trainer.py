@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from distill.checkpoint import load_state, save_state, save_student
 from distill.data import Augment, SegDataset
 from distill.models import build_segmentor, count_parameters
+from distill.losses import LossContext, build_losses
 from distill.task import DistillTask
 from runtime.card import new_card, tool_versions
 from runtime.config import ModelConfig, TrainConfig, to_dict
@@ -172,7 +173,8 @@ class Trainer:
         # Forward passes run under autocast; every loss casts its inputs to fp32 itself.
         with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(self.amp),
                             enabled=self.amp != "none"):
-            terms = self.task(x, y, progress=self.iteration / self.max_iters)
+            terms = self.task(x, y, progress=self.iteration / self.max_iters,
+                              epoch=self.epoch, epochs=self.epochs)
         total = terms["total"]
         if not torch.isfinite(total):
             raise BckdError(f"the training loss became {total.item()} at iteration "
@@ -215,8 +217,7 @@ class Trainer:
 def train(*, model_cfg: ModelConfig, train_cfg: TrainConfig, train_source, val_source,
           preprocess: Preprocess, classes: list[str], out: str | os.PathLike,
           teacher: torch.nn.Module | None = None, teacher_card: dict | None = None,
-          losses: dict[str, tuple[torch.nn.Module, float]] | None = None,
-          method: str = "none", data_info: dict | None = None, resume: bool = False,
+          method: str = "none", kd_options: dict | None = None, data_info: dict | None = None, resume: bool = False,
           force: bool = False, log: Callable[[str], None] = print) -> TrainResult:
     """Train a student and write ``out`` (student-only), its card and ``out.state.pt``."""
     out = Path(out)
@@ -233,6 +234,12 @@ def train(*, model_cfg: ModelConfig, train_cfg: TrainConfig, train_source, val_s
         teacher = teacher.to(device)
         if train_cfg.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
+    losses = {}
+    if teacher is not None and method != "none":
+        ctx = LossContext.from_models(student, teacher, preprocess.ignore_index)
+        losses = build_losses(method, kd_options, ctx)
+        for loss, _ in losses.values():
+            loss.to(device)
     task = DistillTask(student, teacher, losses, preprocess.ignore_index)
     aug = Augment(train_cfg.crop_size, train_cfg.scale_range, train_cfg.hflip, train_cfg.brightness)
     train_set = SegDataset(train_source, preprocess, aug, seed=train_cfg.seed)

@@ -59,7 +59,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from distill.run import distill_stage
 
     result = distill_stage(data=cfg.data, data_root=args.data, model=cfg.model,
-                           train_cfg=cfg.train, out=args.out, method=args.method, kd=cfg.kd,
+                           train_cfg=cfg.train, out=args.out,
+                           method=args.method or cfg.kd.method or ("bckd" if args.teacher else "none"),
+                           kd=cfg.kd,
                            teacher=args.teacher, resume=args.resume, force=args.force)
     print(f"wrote {result.checkpoint} (val mIoU {100 * result.val['miou']:.2f}%, "
           f"{result.seconds:.0f} s)")
@@ -174,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="student checkpoint to write (.pt)")
     p.add_argument("--config", help="YAML with data/model/train/kd sections")
     p.add_argument("--teacher", help="teacher checkpoint written by bckd distill")
-    p.add_argument("--method", default="none", help="distillation method: none, kd")
+    p.add_argument("--method", help="distillation method: none, bckd, kd, cwd, cirkd, skd, bpkd "
+                   "or several joined by '+' (default: kd.method in the config, else bckd with "
+                   "--teacher and none without)")
     p.add_argument("--epochs", type=int, default=0, help="override train.epochs")
     p.add_argument("--input-size", type=_size, help="override data.input_size and crop size")
     p.add_argument("--resume", action="store_true", help="continue from OUT.state.pt")

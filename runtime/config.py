@@ -77,11 +77,16 @@ class TrainConfig:
 
 @dataclass
 class KDConfig:
-    """A distillation method by name, with its weight and temperature."""
+    """Distillation method(s) by name, and per-loss options.
 
-    method: str = "kd"
-    weight: float = 1.0
-    tau: float = 1.0
+    ``method`` is 'none', one registered loss ('bckd', 'kd', 'cwd', 'cirkd', 'skd', 'bpkd') or
+    several joined by '+' ('bckd+cwd'). ``options`` maps a loss name to its keyword options plus
+    ``weight`` (default: the loss's own default weight), e.g.
+    ``{bckd: {context: mse}, cwd: {tau: 4.0, weight: 3.0}}``; the loss validates the names.
+    """
+
+    method: str = ""  # empty: 'bckd' when a teacher is given, else 'none'
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -116,8 +121,9 @@ class RunConfig:
     teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=25))
     student: ModelConfig = field(default_factory=lambda: ModelConfig(width=0.25))
     student_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20))
-    methods: tuple[str, ...] = ("none", "kd")
-    kd: KDConfig = field(default_factory=KDConfig)
+    methods: tuple[str, ...] = ("none", "kd", "bckd")
+    # Per-loss options (see KDConfig.options), applied to every method that contains the loss.
+    kd_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     export: ExportConfig = field(default_factory=ExportConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     cache_dir: str = ""  # empty: $BCKD_CACHE or ~/.cache/bckd
@@ -143,6 +149,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if len(value) != len(args):
             raise BckdError(f"config '{where}' must have {len(args)} items, got {len(value)}")
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is Any:
+        return value
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise BckdError(f"config '{where}' must be a mapping, got {value!r}")
+        return {_coerce(k, key_tp, where): _coerce(v, value_tp, f"{where}.{k}")
+                for k, v in value.items()}
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:

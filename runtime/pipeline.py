@@ -13,12 +13,28 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from runtime.config import RunConfig, to_dict
+from runtime.config import KDConfig, RunConfig, to_dict
+from runtime.errors import BckdError
 from runtime.data import open_dataset
 from runtime.files import sha256_file, sha256_json, staged_dir
 from runtime.report import new_report, render_text, write_report
 
 Log = Callable[[str], None]
+
+
+def method_kd(method: str, options: dict) -> KDConfig:
+    """The KD config of one of the run's methods: the run's options for the losses it contains."""
+    names = set(method.split("+"))
+    return KDConfig(method=method, options={k: v for k, v in options.items() if k in names})
+
+
+def check_kd_options(methods, options: dict) -> None:
+    """Every loss named in ``kd_options`` must appear in some method of the run."""
+    used = {name for m in methods for name in m.split("+")}
+    for key in options:
+        if key not in used:
+            raise BckdError(f"kd_options has settings for '{key}', which no method of the run "
+                            f"uses (methods: {', '.join(methods)}); fix the name or add the method")
 
 
 def cache_root(cfg: RunConfig) -> Path:
@@ -115,6 +131,11 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
     from export.api import export_checkpoint
     from runtime.data.synth import synthesize
 
+    from distill.losses import method_names
+
+    check_kd_options(cfg.methods, cfg.kd_options)
+    for method in cfg.methods:
+        method_names(method, method_kd(method, cfg.kd_options).options)
     start = time.perf_counter()
     with staged_dir(out, force=force) as tmp:
         data_root = Path(cfg.data.root) if cfg.data.root else tmp / "data"
@@ -133,7 +154,8 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
                 f"w{cfg.student.width:g} with method '{method}'")
             ckpt = tmp / "checkpoints" / f"student-{method}.pt"
             distill_stage(data=cfg.data, data_root=data_root, model=cfg.student,
-                          train_cfg=cfg.student_train, out=ckpt, method=method, kd=cfg.kd,
+                          train_cfg=cfg.student_train, out=ckpt, method=method,
+                          kd=method_kd(method, cfg.kd_options),
                           teacher=teacher, root_label=root_label, log=log)
             checkpoints[("student", method)] = ckpt
         rows = []

@@ -49,7 +49,10 @@ def test_missing_config_file(tmp_path):
 
 
 def test_distill_config_and_quick_config():
-    cfg = from_dict(DistillConfig, {"model": {"head": "deeplabv3plus"}, "kd": {"tau": 2}})
-    assert cfg.model.head == "deeplabv3plus" and cfg.kd.tau == 2.0
+    cfg = from_dict(DistillConfig, {"model": {"head": "deeplabv3plus"},
+                                    "kd": {"method": "kd", "options": {"kd": {"tau": 2}}}})
+    assert cfg.model.head == "deeplabv3plus" and cfg.kd.options == {"kd": {"tau": 2}}
+    with pytest.raises(BckdError, match="kd.options.kd' must be a mapping"):
+        from_dict(DistillConfig, {"kd": {"options": {"kd": 3}}})
     quick = quick_config()
     assert quick.data.synth.n_train < RunConfig().data.synth.n_train

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from distill.losses import LOSSES, DistillInputs, build_loss
+from distill.losses import build_losses
 from distill.losses.logit_kd import logit_kd
+from runtime.errors import BckdError
 
 
 def _numpy_kd(zs, zt, tau):
@@ -54,7 +56,15 @@ def test_every_registered_loss_runs_on_inputs(name):
 
 
 def test_bad_kd_args():
-    with pytest.raises(ValueError):
+    with pytest.raises(BckdError, match="method 'kd': kd temperature must be positive"):
         build_loss("kd", tau=0.0)
+    with pytest.raises(BckdError, match="unknown option 'ta' for distillation method 'kd'; did you mean 'tau'"):
+        build_loss("kd", ta=1.0)
+    with pytest.raises(BckdError, match="not part of method"):
+        build_losses("kd", {"cwd": {}})
+    with pytest.raises(BckdError, match="names a loss twice"):
+        build_losses("kd+kd")
+    with pytest.raises(BckdError, match="unknown distillation method 'kdd'"):
+        build_losses("kdd")
     with pytest.raises(ValueError, match="differ in shape"):
         logit_kd(torch.randn(1, 3, 2, 2), torch.randn(1, 4, 2, 2), 1.0)

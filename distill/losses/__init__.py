@@ -3,7 +3,8 @@
 Every loss takes the student and teacher outputs as a :class:`~distill.losses.base.DistillInputs`
 and returns a scalar; each documents its normalisation and τ² convention.
 """
-from distill.losses.base import LOSSES, DistillInputs, build_loss
+from distill.losses.base import (LOSSES, DistillInputs, LossContext, build_loss, build_losses,
+                                  loss_options)
 from distill.losses import logit_kd  # noqa: F401  (registers "kd")
 
-__all__ = ["LOSSES", "DistillInputs", "build_loss"]
+__all__ = ["LOSSES", "DistillInputs", "LossContext", "build_loss", "build_losses", "loss_options"]

@@ -18,7 +18,10 @@ class LogitKD(nn.Module):
     Computed in fp32 whatever the autocast dtype.
     """
 
-    def __init__(self, tau: float = 1.0) -> None:
+    default_weight = 1.0
+    needs_features = False
+
+    def __init__(self, *, tau: float = 1.0) -> None:
         super().__init__()
         if tau <= 0:
             raise ValueError(f"kd temperature must be positive, got {tau}")

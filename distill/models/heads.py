@@ -3,6 +3,8 @@
 Every head is built from the same keywords (``in_channels``, ``num_classes``, ``channels``,
 ``output_stride``) and maps the list of stage features to logits at the head's own stride.
 All spatial ops follow the input's runtime size, so the heads export to ONNX with dynamic H/W.
+Every head also exposes ``decode(feats)`` (the pre-classifier feature map, a distillation tap) and
+``channels`` (its width), so distillation losses never reach into a head's internals.
 """
 from __future__ import annotations
 
@@ -59,11 +61,15 @@ class PSPHead(nn.Module):
         self.ppm = PyramidPooling(c5, channels, bins=bins)
         self.bottleneck = ConvBNReLU(c5 + len(bins) * channels, channels, kernel_size=3)
         self.dropout = nn.Dropout2d(dropout)
+        self.channels = channels
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
+    def decode(self, feats: list[Tensor]) -> Tensor:
+        """The pre-classifier feature map (B, channels, h, w), a distillation tap."""
+        return self.bottleneck(self.ppm(feats[-1]))
+
     def forward(self, feats: list[Tensor]) -> Tensor:
-        x = self.bottleneck(self.ppm(feats[-1]))
-        return self.classifier(self.dropout(x))
+        return self.classifier(self.dropout(self.decode(feats)))
 
 
 def aspp_dilations(output_stride: int) -> tuple[int, int, int]:
@@ -113,10 +119,14 @@ class DeepLabV3PlusHead(nn.Module):
             ConvBNReLU(channels, channels, kernel_size=3),
         )
         self.dropout = nn.Dropout2d(dropout)
+        self.channels = channels
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
-    def forward(self, feats: list[Tensor]) -> Tensor:
+    def decode(self, feats: list[Tensor]) -> Tensor:
+        """The pre-classifier feature map (B, channels, h, w), a distillation tap."""
         low = self.low_level(feats[0])
         context = resize_to(self.aspp(feats[-1]), low)
-        x = self.fuse(torch.cat([context, low], dim=1))
-        return self.classifier(self.dropout(x))
+        return self.fuse(torch.cat([context, low], dim=1))
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        return self.classifier(self.dropout(self.decode(feats)))

@@ -31,11 +31,26 @@ class Segmentor(nn.Module):
         """The backbone's stage description (num_chs, reduction, module), C2..C5."""
         return self.backbone.feature_info
 
+    @property
+    def decoder_channels(self) -> int:
+        """Channels of the head's pre-classifier feature map (the ``decoder`` tap)."""
+        return self.head.channels
+
     def forward_with_features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Logits (B, K, H, W) and the four backbone stage outputs from the same pass."""
-        feats = self.backbone.forward_features(x)
-        logits = resize_to(self.head(feats), x)
-        return logits, feats
+        taps = self.forward_taps(x)
+        return taps["logits"], taps["stages"]
+
+    def forward_taps(self, x: Tensor) -> dict[str, Any]:
+        """Everything distillation taps, from one pass.
+
+        ``logits``: (B, K, H, W) at the input size; ``stages``: the four backbone stage outputs
+        (C2..C5); ``decoder``: the head's pre-classifier feature map at the head's stride.
+        """
+        stages = self.backbone.forward_features(x)
+        decoder = self.head.decode(stages)
+        logits = self.head.classifier(self.head.dropout(decoder))
+        return {"logits": resize_to(logits, x), "stages": stages, "decoder": decoder}
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_with_features(x)[0]

@@ -21,7 +21,7 @@ def test_report_schema_and_rows(quick_run):
     assert report["schema"] == "bckd.report" and report["schema_version"] == 1
     rows = report["results"]
     assert [(r["model"], r["method"]) for r in rows] == [
-        ("teacher", "none"), ("student", "none"), ("student", "kd")]
+        ("teacher", "none"), ("student", "none"), ("student", "kd"), ("student", "bckd")]
     for row in rows:
         for key in ROW_REQUIRED:
             assert key in row
@@ -35,7 +35,9 @@ def test_report_schema_and_rows(quick_run):
     teacher, student = rows[0], rows[1]
     assert teacher["params"] > student["params"]
     md = (out / "report.md").read_text()
-    assert "| teacher | none |" in md and "| student | kd |" in md
+    assert "| teacher | none |" in md and "| student | kd |" in md and "| student | bckd |" in md
+    # the distilled students are exactly the plain student: adapters never reach the artifact
+    assert rows[1]["params"] == rows[2]["params"] == rows[3]["params"]
 
 
 def test_no_partial_dirs_left(quick_run):

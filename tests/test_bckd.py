@@ -225,7 +225,7 @@ def test_feature_stride_4_uses_radius_10_and_hard_teacher_boundary():
 
 
 def test_bad_options_are_one_line_errors():
-    with pytest.raises(BckdError, match="context must be one of kl, mse; got 'l2'"):
+    with pytest.raises(BckdError, match="bckd option 'context' must be one of kl, mse; got 'l2'"):
         build_loss("bckd", CTX, context="l2")
     with pytest.raises(BckdError, match="unknown option 'radious'.*did you mean 'radius'"):
         build_loss("bckd", CTX, radious=3)

@@ -14,13 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.losses import LOSSES, DistillInputs, LossContext, build_loss
+from distill.losses import LOSSES, build_loss
+from loss_inputs import CTX, distill_inputs
 
 GOLDEN = Path(__file__).parent / "golden" / "losses.json"
-CTX = LossContext(student_channels=(8, 8, 16, 16), teacher_channels=(8, 16, 16, 32),
-                  student_reductions=(4, 8, 8, 8), teacher_reductions=(4, 8, 8, 8),
-                  student_decoder_channels=16, teacher_decoder_channels=24, num_classes=5,
-                  ignore_index=255)
 # Options worth pinning beyond each loss's defaults (names not registered are skipped).
 VARIANTS = {
     "bckd": [{"context": "mse"}, {"teacher_adapters": "free"}, {"teacher_adapters": "trained"},
@@ -42,33 +39,13 @@ def _key(name: str, options: dict) -> str:
     return name + "".join(f"[{k}={v}]" for k, v in sorted(options.items()))
 
 
-def _inputs() -> DistillInputs:
-    g = torch.Generator().manual_seed(1234)
-    b, size = 2, 64
-
-    def stages(channels):
-        return [torch.randn(b, c, size // r, size // r, generator=g)
-                for c, r in zip(channels, CTX.student_reductions)]
-
-    target = torch.randint(0, CTX.num_classes, (b, size, size), generator=g)
-    target[:, :4] = CTX.ignore_index
-    return DistillInputs(
-        student_logits=torch.randn(b, CTX.num_classes, size, size, generator=g),
-        teacher_logits=torch.randn(b, CTX.num_classes, size, size, generator=g) * 2,
-        student_feats=stages(CTX.student_channels), teacher_feats=stages(CTX.teacher_channels),
-        target=target, progress=0.25,
-        student_decoder=torch.randn(b, CTX.student_decoder_channels, 8, 8, generator=g),
-        teacher_decoder=torch.randn(b, CTX.teacher_decoder_channels, 8, 8, generator=g),
-        epoch=1, epochs=4)
-
-
 def _value(name: str, options: dict) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
         loss = build_loss(name, CTX, **options).train()
-        return float(loss(_inputs()).detach())
+        return float(loss(distill_inputs()).detach())
     finally:
         torch.set_num_threads(threads)
 

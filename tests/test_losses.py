@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from distill.losses import LOSSES, DistillInputs, build_loss
-from distill.losses import build_losses
+from distill.losses import LOSSES, build_loss, build_losses
 from distill.losses.logit_kd import logit_kd
+from loss_inputs import CTX, distill_inputs
 from runtime.errors import BckdError
 
 
@@ -47,12 +47,19 @@ def test_kd_per_pixel_mean_is_resolution_invariant():
 
 @pytest.mark.parametrize("name", LOSSES.names())
 def test_every_registered_loss_runs_on_inputs(name):
-    loss = build_loss(name)
-    zs = torch.randn(2, 4, 8, 8, requires_grad=True)
-    out = loss(DistillInputs(zs, torch.randn(2, 4, 8, 8)))
-    assert out.ndim == 0 and torch.isfinite(out)
+    """Finite fp32 scalar under bf16 autocast; gradient reaches the student, never the teacher."""
+    loss = build_loss(name, CTX).train()
+    inputs = distill_inputs()
+    student = [inputs.student_logits, inputs.student_decoder, *inputs.student_feats]
+    teacher = [inputs.teacher_logits, inputs.teacher_decoder, *inputs.teacher_feats]
+    for t in student + teacher:
+        t.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = loss(inputs)
+    assert out.ndim == 0 and out.dtype == torch.float32 and torch.isfinite(out)
     out.backward()
-    assert zs.grad.abs().sum() > 0
+    assert any(t.grad is not None and t.grad.abs().sum() > 0 for t in student)
+    assert all(t.grad is None or not t.grad.any() for t in teacher)
 
 
 def test_bad_kd_args():

@@ -4,7 +4,9 @@ Every loss takes the student and teacher outputs as a :class:`~distill.losses.ba
 and returns a scalar; each documents its normalisation and τ² convention.
 """
 from distill.losses.base import (LOSSES, DistillInputs, LossContext, build_loss, build_losses,
-                                  loss_options)
-from distill.losses import logit_kd  # noqa: F401  (registers "kd")
+                                  loss_options, method_names)
+# Importing a loss module registers its loss under its method name.
+from distill.losses import bckd, bpkd, cirkd, cwd, logit_kd, skd  # noqa: F401
 
-__all__ = ["LOSSES", "DistillInputs", "LossContext", "build_loss", "build_losses", "loss_options"]
+__all__ = ["LOSSES", "DistillInputs", "LossContext", "build_loss", "build_losses", "loss_options",
+           "method_names"]

@@ -40,13 +40,10 @@ from torch import Tensor, nn
 
 from distill.losses.base import LOSSES, DistillInputs, LossContext
 from distill.losses.bckd_ops import context_kl, context_mse, pairwise_boundary, spatial_kl
+from distill.losses.functional import as_float, check_choice, full_precision
 
 TEACHER_ADAPTERS = ("frozen", "trained", "free")
 CHUNK_ELEMENTS = 1 << 22  # relation entries per C-KL block when context_chunk is automatic
-
-
-def _as_float(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def _adapter_bn(channels: int) -> nn.BatchNorm2d:
@@ -139,11 +136,11 @@ class BCKDLoss(nn.Module):
                  tau_factor: float = 1.05, tau_bound: float = 0.5, adapt_tau: bool = True,
                  teacher_adapters: str = "frozen", seed: int = 0) -> None:
         super().__init__()
-        _check_choice("context", context, ("kl", "mse"))
-        _check_choice("decay", decay, ("epoch", "iter", "none"))
-        _check_choice("teacher_adapters", teacher_adapters, TEACHER_ADAPTERS)
-        _check_choice("teacher_boundary", teacher_boundary, ("soft", "hard"))
-        _check_choice("pairs", pairs, ("crop", "pad"))
+        check_choice("context", context, ("kl", "mse"), "bckd")
+        check_choice("decay", decay, ("epoch", "iter", "none"), "bckd")
+        check_choice("teacher_adapters", teacher_adapters, TEACHER_ADAPTERS, "bckd")
+        check_choice("teacher_boundary", teacher_boundary, ("soft", "hard"), "bckd")
+        check_choice("pairs", pairs, ("crop", "pad"), "bckd")
         if feature_stride not in (4, 8, 16, 32):
             raise ValueError(f"feature_stride must be 4, 8, 16 or 32, got {feature_stride}")
         if channels < 4 or channels % 4:
@@ -191,8 +188,12 @@ class BCKDLoss(nn.Module):
     def boundary_loss(self, edge_s: Tensor, edge_t: Tensor) -> Tensor:
         """L_bd between the pairwise boundaries of the two boundary logit maps."""
         radius = self.pair_radius(*edge_s.shape[-2:])
-        bs = pairwise_boundary(torch.sigmoid(_as_float(edge_s)), radius, self.pairs)
-        prob_t = torch.sigmoid(_as_float(edge_t))
+        with full_precision(edge_s):
+            return self._boundary_kl(edge_s, edge_t, radius)
+
+    def _boundary_kl(self, edge_s: Tensor, edge_t: Tensor, radius: int) -> Tensor:
+        bs = pairwise_boundary(torch.sigmoid(as_float(edge_s)), radius, self.pairs)
+        prob_t = torch.sigmoid(as_float(edge_t))
         if self.teacher_boundary == "hard":
             prob_t = (prob_t > 0.5).to(prob_t.dtype)
         bt = pairwise_boundary(prob_t, radius, self.pairs)
@@ -201,8 +202,12 @@ class BCKDLoss(nn.Module):
 
     def context_loss(self, fs: Tensor, ft: Tensor) -> Tensor:
         """L_cd between the self-relations of A(F^S) and F^T."""
-        xs = _as_float(self.align(fs)).flatten(2).transpose(1, 2)
-        xt = _as_float(ft).flatten(2).transpose(1, 2)
+        xs = as_float(self.align(fs)).flatten(2).transpose(1, 2)
+        xt = as_float(ft).flatten(2).transpose(1, 2)
+        with full_precision(xs):
+            return self._relation_loss(xs, xt)
+
+    def _relation_loss(self, xs: Tensor, xt: Tensor) -> Tensor:
         if self.context == "mse":
             return context_mse(xs, xt)
         tau = self.tau_cd.tau.to(xs.dtype)
@@ -219,7 +224,7 @@ class BCKDLoss(nn.Module):
         r = self.decay_factor(inputs)
         self.last_terms = {"boundary": float(l_bd.detach()), "context": float(l_cd.detach()),
                            "decay": r}
-        return r * (self.boundary_weight * _as_float(l_bd) + self.context_weight * _as_float(l_cd))
+        return r * (self.boundary_weight * as_float(l_bd) + self.context_weight * as_float(l_cd))
 
     def log_scalars(self) -> dict[str, Any]:
         """Unweighted terms, r(t) and both temperatures, for TensorBoard."""
@@ -238,8 +243,3 @@ def _relation_range_sample(xt: Tensor, rows: int = 256) -> Tensor:
     low = (xt[:, ::step] @ xt.transpose(1, 2)).amin()
     high = xt.pow(2).sum(-1).amax()
     return torch.stack([low, high]) / xt.shape[-1] ** 0.5
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got '{value}'")

@@ -15,7 +15,7 @@ from runtime.config import DataConfig, KDConfig, ModelConfig, TrainConfig
 from runtime.data import open_dataset
 from runtime.data.preprocess import Preprocess
 from runtime.errors import BckdError
-from runtime.files import sha256_file
+from runtime.files import sha256_file, sha256_json
 
 
 def distill_stage(*, data: DataConfig, data_root: str | os.PathLike, model: ModelConfig,
@@ -39,9 +39,13 @@ def distill_stage(*, data: DataConfig, data_root: str | os.PathLike, model: Mode
     teacher_model, teacher_card = (load_student(teacher) if losses else (None, None))
     if teacher_card is not None:
         _check_teacher(teacher_card, train_src.classes, teacher)
+    meta_file = Path(data_root) / "dataset.json"
     data_info = {"root": root_label or str(Path(data_root).resolve()), "name": train_src.meta.get("name"),
-                 "train_split": data.train_split, "val_split": data.val_split,
-                 "dataset_json_sha256": sha256_file(Path(data_root) / "dataset.json")}
+                 "format": data.format, "train_split": data.train_split,
+                 "val_split": data.val_split, "images": {"train": len(train_src), "val": len(val_src)},
+                 # standard datasets have no dataset.json: their loader's metadata describes them
+                 "meta_sha256": (sha256_file(meta_file) if meta_file.is_file()
+                                 else sha256_json(train_src.meta))}
     return train(model_cfg=model, train_cfg=train_cfg, train_source=train_src,
                  val_source=val_src, preprocess=preprocess, classes=train_src.classes, out=out,
                  teacher=teacher_model, teacher_card=teacher_card, method=method, kd_options=kd.options,

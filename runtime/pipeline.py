@@ -44,11 +44,12 @@ def cache_root(cfg: RunConfig) -> Path:
     return Path(os.environ.get("BCKD_CACHE") or Path.home() / ".cache" / "bckd")
 
 
-def dataset_fingerprint(root: Path, splits: tuple[str, ...]) -> str:
-    """sha256 over dataset.json, the split lists and every image and mask they name."""
-    h = hashlib.sha256(sha256_file(root / "dataset.json").encode())
+def dataset_fingerprint(root: Path, splits: tuple[str, ...], format: str = "folder") -> str:
+    """sha256 over the dataset's metadata, the split lists and every image and mask they name."""
+    h = hashlib.sha256()
     for split in splits:
-        ds = open_dataset(root, split)
+        ds = open_dataset(root, split, format=format)
+        h.update(sha256_json(ds.meta).encode())
         for i in range(len(ds)):
             h.update(sha256_file(ds.image_path(i)).encode())
             h.update(sha256_file(ds.mask_path(i)).encode())
@@ -146,7 +147,8 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
             log(f"[data] synthesising {s.n_train}+{s.n_val} images at {s.size} (seed {s.seed})")
             synthesize(data_root, n_train=s.n_train, n_val=s.n_val, size=tuple(s.size),
                        seed=s.seed)
-        fingerprint = dataset_fingerprint(data_root, (cfg.data.train_split, cfg.data.val_split))
+        fingerprint = dataset_fingerprint(data_root, (cfg.data.train_split, cfg.data.val_split),
+                                          cfg.data.format)
         teacher = teacher_checkpoint(cfg, data_root, fingerprint, log)
         checkpoints = {("teacher", "none"): teacher}
         for method in cfg.methods:

@@ -2,7 +2,9 @@
 
 Dataset loaders register in :data:`DATASETS` by format name and are opened with
 :func:`open_dataset`; each returns an object with ``ids``, ``classes``, ``num_classes``,
-``ignore_index``, ``palette``, ``__len__`` and ``load(i) -> (uint8 HxWx3 RGB, uint8 HxW mask)``.
+``ignore_index``, ``palette``, ``meta``, ``__len__`` and ``load(i) -> (uint8 HxWx3 RGB, uint8 HxW mask)``.
+Formats: ``folder`` (:mod:`.folder`) and the standard datasets ``voc``, ``cityscapes``, ``ade20k``
+and ``cocostuff10k`` (:mod:`.standard` and one module each).
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ from runtime.data.preprocess import (  # noqa: E402
     resize_mask,
 )
 from runtime.data.folder import FolderDataset, list_splits, write_dataset_meta  # noqa: E402
+from runtime.data.standard import StandardDataset  # noqa: E402
+# Importing a loader module registers its format(s).
+from runtime.data import ade20k, cityscapes, cocostuff, voc  # noqa: E402
 
 
 def open_dataset(root: str | os.PathLike, split: str, format: str = "folder") -> Any:
@@ -37,11 +42,16 @@ __all__ = [
     "IMAGENET_STD",
     "FolderDataset",
     "Preprocess",
+    "StandardDataset",
+    "ade20k",
+    "cityscapes",
+    "cocostuff",
     "list_splits",
     "open_dataset",
     "read_image",
     "read_mask",
     "resize_image",
     "resize_mask",
+    "voc",
     "write_dataset_meta",
 ]

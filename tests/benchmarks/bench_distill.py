@@ -1,0 +1,157 @@
+"""Does BCKD help? Students from one teacher, several seeds, plus the ablation of method.md §7.
+
+Trains, on the built-in procedural data, the no-KD student and the KD, CWD, BPKD and BCKD
+students from one teacher for every seed, and (with ``--ablation``) BCKD with each open choice of
+method.md §7 flipped: teacher-side adapters trained / parameter-free, context C-MSE, feature
+stride 4, pair radius 3. Every student is scored on the validation split with mIoU, boundary F
+(3 px, against ground truth), boundary IoU, and LHD (r = 5) against the teacher's prediction and
+against the ground truth. Writes ``table.md`` / ``table.json`` with mean ± std over seeds.
+
+Each finished run is kept under ``--out`` (``runs/<variant>-s<seed>.json``), so an interrupted
+benchmark resumes where it stopped and more seeds can be added later.
+
+    python tests/benchmarks/bench_distill.py --out /tmp/bench-distill --seeds 0 1 2 --ablation
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from distill.checkpoint import load_student  # noqa: E402
+from distill.data import SegDataset  # noqa: E402
+from distill.run import distill_stage  # noqa: E402
+from runtime.boundary import BoundaryMeter  # noqa: E402
+from runtime.config import KDConfig, RunConfig  # noqa: E402
+from runtime.data import open_dataset  # noqa: E402
+from runtime.data.preprocess import Preprocess  # noqa: E402
+from runtime.data.synth import synthesize  # noqa: E402
+from runtime.metrics import ConfusionMatrix  # noqa: E402
+
+MAIN = {"none": ("none", {}), "kd": ("kd", {}), "cwd": ("cwd", {}), "bpkd": ("bpkd", {}),
+        "bckd": ("bckd", {})}
+ABLATION = {
+    "bckd/teacher-adapters=trained": ("bckd", {"bckd": {"teacher_adapters": "trained"}}),
+    "bckd/teacher-adapters=free": ("bckd", {"bckd": {"teacher_adapters": "free"}}),
+    "bckd/context=mse": ("bckd", {"bckd": {"context": "mse"}}),
+    "bckd/stride=4": ("bckd", {"bckd": {"feature_stride": 4}}),
+    "bckd/radius=3": ("bckd", {"bckd": {"radius": 3}}),
+}
+METRICS = ("miou", "boundary_f", "boundary_iou", "lhd_teacher", "lhd_gt")
+
+
+def predict(model: torch.nn.Module, dataset: SegDataset, batch: int = 16) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(dataset), batch):
+            x = torch.stack([dataset[j][0] for j in range(i, min(i + batch, len(dataset)))])
+            out.append(model(x).argmax(1).numpy().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def score(pred: np.ndarray, teacher_pred: np.ndarray, targets: np.ndarray, classes) -> dict:
+    cm = ConfusionMatrix(len(classes), 255)
+    gt, vs_teacher = BoundaryMeter(len(classes)), BoundaryMeter(len(classes))
+    for p, t, y in zip(pred, teacher_pred, targets):
+        cm.update(p, y)
+        gt.update(p, y)
+        vs_teacher.update(p, y, reference=t)
+    g = gt.summary()
+    return {"miou": 100 * cm.summary(classes)["miou"], "boundary_f": 100 * g["boundary_f"],
+            "boundary_iou": 100 * g["boundary_iou"], "lhd_gt": g["lhd"],
+            "lhd_teacher": vs_teacher.summary()["lhd"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=20, help="student epochs (default run: 20)")
+    ap.add_argument("--ablation", action="store_true")
+    ap.add_argument("--only", nargs="*", help="train only these variants")
+    args = ap.parse_args()
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    cfg = RunConfig()
+    cfg.student_train.epochs = args.epochs
+    data = out / "data"
+    if not (data / "dataset.json").is_file():
+        s = cfg.data.synth
+        synthesize(data, n_train=s.n_train, n_val=s.n_val, size=tuple(s.size), seed=s.seed)
+    teacher = out / "teacher.pt"
+    if not teacher.is_file():
+        distill_stage(data=cfg.data, data_root=data, model=cfg.teacher,
+                      train_cfg=cfg.teacher_train, out=teacher)
+    val_src = open_dataset(data, cfg.data.val_split)
+    pre = Preprocess(size=tuple(cfg.data.input_size), ignore_index=val_src.ignore_index)
+    val = SegDataset(val_src, pre, None)
+    targets = np.stack([val[i][1].numpy() for i in range(len(val))])
+    teacher_model, _ = load_student(teacher)
+    teacher_pred = predict(teacher_model, val)
+    results = {"teacher": [score(teacher_pred, teacher_pred, targets, val_src.classes)]}
+    variants = dict(MAIN, **(ABLATION if args.ablation else {}))
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k in args.only}
+    for seed in args.seeds:
+        for name, (method, options) in variants.items():
+            record = out / "runs" / f"{name.replace('/', '_')}-s{seed}.json"
+            if not record.is_file():
+                run_one(cfg, data, teacher, name, method, options, seed, record, val,
+                        teacher_pred, targets, val_src.classes)
+    write_table(out, variants, results)
+
+
+def run_one(cfg, data, teacher, name, method, options, seed, record, val, teacher_pred, targets,
+            classes) -> None:
+    cfg.student_train.seed = seed
+    ckpt = record.with_suffix(".pt")
+    start = time.perf_counter()
+    result = distill_stage(data=cfg.data, data_root=data, model=cfg.student,
+                           train_cfg=cfg.student_train, out=ckpt, method=method,
+                           kd=KDConfig(method=method, options=options),
+                           teacher=teacher if method != "none" else None, force=True,
+                           log=lambda msg: None)
+    model, _ = load_student(result.checkpoint)
+    scores = score(predict(model, val), teacher_pred, targets, classes)
+    scores.update(seconds=round(time.perf_counter() - start, 1), seed=seed, variant=name,
+                  method=method, options=options, epochs=cfg.student_train.epochs)
+    record.write_text(json.dumps(scores, indent=1))
+    print(f"{name:32s} seed {seed}: " + "  ".join(f"{k} {scores[k]:.2f}" for k in METRICS)
+          + f"  ({scores['seconds']:.0f} s)", flush=True)
+
+
+def write_table(out: Path, variants: dict, results: dict) -> None:
+    for name in variants:
+        runs = [json.loads(p.read_text())
+                for p in sorted((out / "runs").glob(f"{name.replace('/', '_')}-s*.json"))]
+        if runs:
+            results[name] = runs
+    lines = ["| student | seeds | mIoU % | boundary F % | boundary IoU % | LHD vs teacher px "
+             "| LHD vs GT px |", "|---|---|---|---|---|---|---|"]
+    summary = {}
+    for name, runs in results.items():
+        cells, summary[name] = [], {"seeds": len(runs)}
+        for key in METRICS:
+            values = [r[key] for r in runs]
+            mean = statistics.fmean(values)
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            summary[name][key] = {"mean": mean, "std": std, "values": values}
+            cells.append(f"{mean:.2f} ± {std:.2f}")
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "table.json").write_text(json.dumps(summary, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -29,6 +29,8 @@ TORCHVISION_RESNETS = {
 }
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 SMALL = 0.25  # backbone width that keeps every test fast
+RESNETS = [name for name in BACKBONES.names() if name.startswith("resnet")]
+NATIVE_STRIDE = {"mit_b0": 32}  # backbones that build at one output stride only
 
 
 def torchvision_resnet_keys(kind: str, layers: tuple[int, ...]) -> list[str]:
@@ -69,9 +71,16 @@ def test_resnet_matches_torchvision_keys_and_param_count(name):
                                                       (32, [4, 8, 16, 32])])
 @pytest.mark.parametrize("name", BACKBONES.names())
 def test_output_stride_feature_shapes(name, output_stride, reductions):
+    if NATIVE_STRIDE.get(name, output_stride) != output_stride:
+        with pytest.raises(BckdError, match=f"output_stride {output_stride}"):
+            BACKBONES.get(name)(width=SMALL, output_stride=output_stride)
+        return
     model = BACKBONES.get(name)(width=SMALL, output_stride=output_stride).eval()
     assert [i["reduction"] for i in model.feature_info] == reductions
-    assert [i["module"] for i in model.feature_info] == ["layer1", "layer2", "layer3", "layer4"]
+    for info in model.feature_info:
+        model.get_submodule(info["module"])  # a real module path, for hooks
+    if name in RESNETS:
+        assert [i["module"] for i in model.feature_info] == ["layer1", "layer2", "layer3", "layer4"]
     with torch.no_grad():
         feats = model.forward_features(torch.randn(2, 3, 32, 64))
     expected = [(2, c, 32 // r, 64 // r) for c, r in zip(model.out_channels, reductions)]
@@ -91,7 +100,7 @@ def test_dilation_follows_torchvision_for_bottleneck_and_dilates_basic_blocks():
 
 
 @pytest.mark.parametrize("width", [0.25, 0.5])
-@pytest.mark.parametrize("name", BACKBONES.names())
+@pytest.mark.parametrize("name", RESNETS)  # MobileNetV2 / MiT widths: test_models_extra.py
 def test_width_multiplier_scales_stem_and_stages(name, width):
     full = BACKBONES.get(name)().out_channels
     slim = BACKBONES.get(name)(width=width)
@@ -196,7 +205,8 @@ def test_exact_adaptive_pool_matches_torch(bins):
 @pytest.mark.parametrize("head", HEADS.names())
 @pytest.mark.parametrize("backbone", BACKBONES.names())
 def test_every_combination_gives_input_sized_logits(backbone, head):
-    model = segmentor(backbone, head, width=SMALL, num_classes=7).eval()
+    model = segmentor(backbone, head, width=SMALL, num_classes=7,
+                      output_stride=NATIVE_STRIDE.get(backbone, 8)).eval()
     with torch.no_grad():
         logits, feats = model.forward_with_features(torch.randn(2, 3, 97, 131))
     assert logits.shape == (2, 7, 97, 131)

@@ -1,4 +1,4 @@
-"""Segmentation decode heads (PSPNet, DeepLabV3+) over the four backbone stages C2..C5.
+"""Segmentation decode heads (PSPNet, DeepLabV3+, SegFormer) over the four backbone stages C2..C5.
 
 Every head is built from the same keywords (``in_channels``, ``num_classes``, ``channels``,
 ``output_stride``) and maps the list of stage features to logits at the head's own stride.
@@ -127,6 +127,41 @@ class DeepLabV3PlusHead(nn.Module):
         low = self.low_level(feats[0])
         context = resize_to(self.aspp(feats[-1]), low)
         return self.fuse(torch.cat([context, low], dim=1))
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        return self.classifier(self.dropout(self.decode(feats)))
+
+
+@HEADS.register("segformer")
+class SegFormerHead(nn.Module):
+    """SegFormer's all-MLP decoder (NVlabs ``SegFormerHead``), on any backbone.
+
+    Per stage a linear layer (a 1x1 conv with bias) to ``channels``, bilinear upsampling to C2's
+    size, concatenation (C5, C4, C3, C2: NVlabs' order), a 1x1 ConvBNReLU fuse, dropout and a 1x1
+    classifier. Logits come out at C2's stride (4). ``output_stride`` is accepted for a uniform
+    head interface and unused.
+    """
+
+    default_channels = 256
+
+    def __init__(
+        self, *, in_channels: Sequence[int], num_classes: int, channels: int = default_channels,
+        output_stride: int = 8, dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        _check_in_channels(in_channels)
+        self.linear = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.fuse = ConvBNReLU(len(in_channels) * channels, channels)
+        self.dropout = nn.Dropout2d(dropout)
+        self.channels = channels
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def decode(self, feats: list[Tensor]) -> Tensor:
+        """The pre-classifier feature map (B, channels, h, w) at C2's size, a distillation tap."""
+        # Project first, then upsample: the linear layers run at each stage's own resolution.
+        c2 = self.linear[0](feats[0])
+        upsampled = [resize_to(linear(f), c2) for linear, f in zip(self.linear[1:], feats[1:])]
+        return self.fuse(torch.cat([*upsampled[::-1], c2], dim=1))
 
     def forward(self, feats: list[Tensor]) -> Tensor:
         return self.classifier(self.dropout(self.decode(feats)))

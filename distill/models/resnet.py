@@ -1,22 +1,25 @@
 """ResNet-18/34/50/101 backbones for dense prediction: dilated to output stride 8/16/32, slimmable.
 
 State-dict keys are exactly torchvision's minus ``fc.*``, so torchvision ImageNet weights load
-offline with :func:`load_backbone_weights`. Unlike torchvision, ``BasicBlock`` accepts dilation
-(on both 3x3 convs), so ResNet-18/34 can run at output stride 8 too.
+offline with :func:`distill.models.weights.load_backbone_weights`. Unlike torchvision,
+``BasicBlock`` accepts dilation (on both 3x3 convs), so ResNet-18/34 can run at output stride 8
+too. :data:`BACKBONES` lives here for historical reasons; every backbone module registers in it.
 """
 from __future__ import annotations
 
-import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from distill.models.ops import make_divisible
+from distill.models.weights import load_backbone_weights
 from runtime.errors import BckdError
 from runtime.registry import Registry
 
-BACKBONES: Registry[Callable[..., "ResNet"]] = Registry("backbone")
+# load_backbone_weights is re-exported: it lived here before MobileNetV2 and MiT shared it.
+__all__ = ["BACKBONES", "BasicBlock", "Bottleneck", "ResNet", "load_backbone_weights"]
+
+BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
 
 # Which of layer2..layer4 trade stride for dilation (torchvision's replace_stride_with_dilation).
 _DILATE_FOR_STRIDE = {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}
@@ -93,6 +96,9 @@ Block = type[BasicBlock] | type[Bottleneck]
 
 class ResNet(nn.Module):
     """ResNet feature extractor: ``forward_features`` returns the four stage outputs C2..C5."""
+
+    checkpoint_ignore_prefixes = ("fc.",)  # the ImageNet classifier
+    checkpoint_description = "a torchvision ResNet state dict of the same depth"
 
     def __init__(
         self, block: Block, layers: Sequence[int], *, width: float = 1.0, output_stride: int = 8,
@@ -190,71 +196,3 @@ _register("resnet18", BasicBlock, (2, 2, 2, 2))
 _register("resnet34", BasicBlock, (3, 4, 6, 3))
 _register("resnet50", Bottleneck, (3, 4, 6, 3))
 _register("resnet101", Bottleneck, (3, 4, 23, 3))
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading torchvision-format weights
-
-
-def _read_state_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
-    """A flat name -> tensor dict from a state dict, a .pth path or a "state_dict"/"model" wrap."""
-    if isinstance(source, (str, os.PathLike)):
-        if not os.path.isfile(source):
-            raise BckdError(f"backbone weights file '{os.fspath(source)}' does not exist; "
-                            "pass the path of a torchvision-format .pth state dict")
-        try:
-            source = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a pickle with code in it, or not a torch file at all
-            raise BckdError(f"cannot read backbone weights '{os.fspath(source)}': {exc}; "
-                            "save them with torch.save(model.state_dict(), path)") from exc
-    for wrapper in ("state_dict", "model"):
-        if isinstance(source, Mapping) and isinstance(source.get(wrapper), Mapping):
-            source = source[wrapper]
-    if not isinstance(source, Mapping):
-        raise BckdError(f"backbone weights must be a state dict, got {type(source).__name__}")
-    return dict(source)
-
-
-def _shape(value: Any) -> tuple[int, ...] | str:
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def _key_problems(model: nn.Module, state: Mapping[str, Any]) -> list[str]:
-    """One phrase per kind of mismatch between ``state`` and the model's own state dict."""
-    own = model.state_dict()
-    # Pre-0.4 checkpoints (torchvision's original ImageNet files) have no BN step counter; it is
-    # bookkeeping, not a weight, so its absence is not an error.
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {_shape(state[k])} vs {_shape(own[k])}"
-              for k in own if k in state and _shape(state[k]) != _shape(own[k])]
-    problems = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected),
-                        ("shape-mismatched", shapes)):
-        if keys:
-            more = ", ..." if len(keys) > 3 else ""
-            problems.append(f"{len(keys)} {label} ({', '.join(keys[:3])}{more})")
-    return problems
-
-
-def load_backbone_weights(
-    model: nn.Module, state_dict_or_path: Mapping[str, Any] | str | os.PathLike, *,
-    ignore_prefixes: Sequence[str] = ("fc.",),
-) -> None:
-    """Load torchvision-format weights into ``model`` strictly, dropping ``ignore_prefixes`` keys.
-
-    Any missing, unexpected or shape-mismatched key is a :class:`BckdError` naming the first few
-    and the counts; nothing is loaded in that case.
-    """
-    state = {k: v for k, v in _read_state_dict(state_dict_or_path).items()
-             if not any(k.startswith(p) for p in ignore_prefixes)}
-    problems = _key_problems(model, state)
-    if problems:
-        width = getattr(model, "width", 1.0)
-        hint = (f"the backbone has width={width}; ImageNet weights only fit width=1.0"
-                if width != 1.0 else "pass a torchvision ResNet state dict of the same depth")
-        raise BckdError(f"backbone weights do not match {type(model).__name__}: "
-                        f"{'; '.join(problems)}; {hint}")
-    own = model.state_dict()
-    state.update({k: own[k] for k in own if k not in state})  # only BN counters can be absent
-    model.load_state_dict(state, strict=True)

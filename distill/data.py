@@ -1,9 +1,10 @@
-"""Torch dataset wrapper with training augmentation.
+"""Torch dataset wrapper with training augmentation, and the (distributed) batch order.
 
 Decoding, resizing and normalisation come from :mod:`runtime.data.preprocess` (architecture.md
 rule 2: one preprocessing path); this module only adds the random training augmentation —
-random scale, crop (padded with the ignore label), horizontal flip and brightness jitter — and
-the tensors torch wants.
+random scale, crop (padded with the ignore label), horizontal flip and brightness jitter — the
+tensors torch wants, and :class:`ShardedBatchSampler`, which makes the union of the processes'
+batches at step k the batch a single process would draw at step k.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from runtime.data.preprocess import Preprocess, resize_image, resize_mask
 
@@ -68,6 +69,39 @@ class SegDataset(Dataset):
             img, mask = augment_pair(img, mask, self.augment, self.preprocess.ignore_index, rng)
             x, y = self.preprocess.normalize(img), mask.astype(np.int64)
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Seeded per-epoch shuffle cut into global batches; one process's share of each batch.
+
+    Every process draws the same permutation (seeded by ``seed`` and the epoch), cuts it into
+    ``len(self)`` global batches of ``batch_size`` (the remainder is dropped) and takes the
+    positions ``rank, rank + world_size, ...`` of each, so the ranks' step-k batches together are
+    exactly the step-k batch of a single process with the same global batch size.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"global batch {batch_size} is not divisible by {world_size} processes")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, {world_size})")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=gen).tolist()
+        for k in range(len(self)):
+            batch = order[k * self.batch_size:(k + 1) * self.batch_size]
+            yield batch[self.rank::self.world_size]
 
 
 def augment_pair(img: np.ndarray, mask: np.ndarray, aug: Augment, ignore_index: int,

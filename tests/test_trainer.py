@@ -1,8 +1,17 @@
-"""Trainer and distillation task: named terms, frozen teacher, NaN stop, amp resolution."""
+"""Trainer and distillation task: named terms, frozen teacher, NaN stop, amp resolution,
+exact resume after a SIGKILL, TensorBoard scalars."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+from distill.checkpoint import load_student, save_student
 from distill.losses import build_loss
+from distill.losses.logit_kd import LogitKD
 from distill.models import build_segmentor
 from distill.task import DistillTask
 from distill.trainer import resolve_amp, resolve_device, state_path, train
@@ -93,3 +102,80 @@ def test_checkpoint_card_records_training(tiny_data, tmp_path):
     assert card["amp"] in ("bf16", "none") and card["device"] == "cpu"
     assert card["arch"]["width"] == 0.125 and card["params"] > 0
     assert 0 <= card["metrics"]["val_miou"] <= 1
+
+
+RESUME_CFG = dict(epochs=3, batch_size=8, crop_size=(32, 32), amp="none", threads=1, val_every=1)
+
+
+def resume_run(root: str, teacher: str, out: str, resume: bool = False, **cfg) -> None:
+    """The run the resume test repeats: KD from a saved teacher, dropout and BN live."""
+    model, _ = load_student(teacher)
+    _train(root, out, TrainConfig(**{**RESUME_CFG, **cfg}), teacher=model, method="kd",
+           resume=resume)
+
+
+# Runs resume_run in a fresh process that SIGKILLs itself once the epoch-2 state is on disk:
+# nothing after that point (no finally, no flush) can help the resumed run.
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import distill.trainer as trainer
+import test_trainer
+
+real = trainer.save_state
+def save_then_die(path, state):
+    real(path, state)
+    if state["epoch"] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+trainer.save_state = save_then_die
+test_trainer.resume_run({root!r}, {teacher!r}, {out!r})
+"""
+
+
+def test_killed_run_resumes_to_bit_identical_weights(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    teacher = build_segmentor("resnet18", "pspnet", num_classes=7, width=0.125)
+    save_student(tmp_path / "t.pt", teacher, {"kind": "checkpoint", "classes": []})
+    args = dict(root=str(tiny_data), teacher=str(tmp_path / "t.pt"))
+    resume_run(**args, out=str(tmp_path / "a.pt"))  # uninterrupted
+
+    code = KILLED_RUN.format(tests=str(Path(__file__).parent), out=str(tmp_path / "b.pt"), **args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "b.pt").exists()
+    assert torch.load(state_path(tmp_path / "b.pt"), weights_only=False)["epoch"] == 2
+    resume_run(**args, out=str(tmp_path / "b.pt"), resume=True)
+
+    a = torch.load(state_path(tmp_path / "a.pt"), weights_only=False)
+    b = torch.load(state_path(tmp_path / "b.pt"), weights_only=False)
+    assert (a["epoch"], a["iteration"]) == (b["epoch"], b["iteration"]) == (3, 6)
+    assert a["history"] == b["history"]
+    assert a["task"].keys() == b["task"].keys()
+    for name in a["task"]:
+        assert torch.equal(a["task"][name], b["task"][name]), name
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(),
+                      strict=True):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+
+    with pytest.raises(BckdError, match="resume with the original train.epochs"):
+        resume_run(**args, out=str(tmp_path / "b.pt"), resume=True, epochs=4)
+
+
+def test_tensorboard_scalars(tiny_data, tmp_path, monkeypatch):
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    monkeypatch.setattr(LogitKD, "log_scalars", lambda self: {"tau": self.tau}, raising=False)
+    _, teacher = _models()
+    cfg = TrainConfig(epochs=2, batch_size=8, crop_size=(32, 32), amp="none", val_every=1)
+    _train(tiny_data, tmp_path / "s.pt", cfg, teacher=teacher, method="kd",
+           tensorboard=tmp_path / "tb", log_every=1)
+    events = ea.EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/task", "train/kd", "train/total", "train/lr", "epoch/total", "epoch/kd",
+            "val/miou", "val/pixel_acc", "loss/kd/tau"} <= tags
+    assert [e.step for e in events.Scalars("train/total")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("epoch/total")] == [2, 4]
+    assert events.Scalars("loss/kd/tau")[0].value == 1.0

@@ -10,12 +10,12 @@ from typing import Callable
 
 from distill.checkpoint import load_student
 from distill.losses import method_names
-from distill.trainer import TrainResult, train
+from distill.trainer import TrainResult, tensorboard_dir, train
 from runtime.config import DataConfig, KDConfig, ModelConfig, TrainConfig
 from runtime.data import open_dataset
 from runtime.data.preprocess import Preprocess
 from runtime.errors import BckdError
-from runtime.files import sha256_file, sha256_json
+from runtime.files import atomic_write_json, refuse_existing, sha256_file, sha256_json
 
 
 def distill_stage(*, data: DataConfig, data_root: str | os.PathLike, model: ModelConfig,
@@ -49,6 +49,8 @@ def distill_stage(*, data: DataConfig, data_root: str | os.PathLike, model: Mode
     return train(model_cfg=model, train_cfg=train_cfg, train_source=train_src,
                  val_source=val_src, preprocess=preprocess, classes=train_src.classes, out=out,
                  teacher=teacher_model, teacher_card=teacher_card, method=method, kd_options=kd.options,
+                 tensorboard=tensorboard_dir(out) if train_cfg.tensorboard else None,
+                 log_every=train_cfg.log_every,
                  data_info=data_info, resume=resume, force=force, log=log)
 
 
@@ -56,3 +58,39 @@ def _check_teacher(card: dict, classes: list[str], path) -> None:
     if list(card.get("classes", [])) != list(classes):
         raise BckdError(f"teacher {path} was trained on classes {card.get('classes')} but the "
                         f"dataset has {classes}; use a teacher trained on this dataset")
+
+
+def mfs_stage(*, student: str | os.PathLike, teacher: str | os.PathLike,
+              data_root: str | os.PathLike, split: str = "val", format: str = "folder",
+              images: int = 32, out: str | os.PathLike | None = None, force: bool = False,
+              **settings) -> dict:
+    """MFS (method.md §5.1) of a student checkpoint against its teacher on ``images`` images.
+
+    ``settings`` go to :func:`distill.analysis.manifold_stability` (epsilon, eta, directions,
+    ascent_steps). The images are the first ``images`` of ``split``, preprocessed by the
+    student's card. With ``out`` the result is also written as JSON (never over a file unless
+    ``force``).
+    """
+    import torch
+
+    from distill.analysis import manifold_stability
+
+    if out is not None:
+        refuse_existing(out, "MFS result", force)
+    s_model, s_card = load_student(student)
+    t_model, _ = load_student(teacher)
+    source = open_dataset(data_root, split, format=format)
+    pre = Preprocess.from_dict(s_card["preprocess"])
+    count = min(images, len(source))
+    if count < 1:
+        raise BckdError(f"split '{split}' of {data_root} has no images to analyse")
+    batches = (torch.from_numpy(pre.batch([source.load(i)[0] for i in range(j, min(j + 8, count))]))
+               for j in range(0, count, 8))
+    try:
+        result = manifold_stability(s_model, t_model, batches, **settings)
+    except ValueError as exc:
+        raise BckdError(f"MFS: {exc}") from exc
+    result["student"], result["teacher"] = str(student), str(teacher)
+    if out is not None:
+        atomic_write_json(out, result)
+    return result

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -56,6 +57,10 @@ def cmd_distill(args: argparse.Namespace) -> None:
     if args.input_size:
         cfg.data.input_size = args.input_size
         cfg.train.crop_size = args.input_size
+    if args.format:
+        cfg.data.format = args.format
+    if args.tensorboard:
+        cfg.train.tensorboard = True
     from distill.run import distill_stage
 
     result = distill_stage(data=cfg.data, data_root=args.data, model=cfg.model,
@@ -63,8 +68,22 @@ def cmd_distill(args: argparse.Namespace) -> None:
                            method=args.method or cfg.kd.method or ("bckd" if args.teacher else "none"),
                            kd=cfg.kd,
                            teacher=args.teacher, resume=args.resume, force=args.force)
-    print(f"wrote {result.checkpoint} (val mIoU {100 * result.val['miou']:.2f}%, "
-          f"{result.seconds:.0f} s)")
+    if _launched_rank() == 0:  # under torchrun, one line for the whole job
+        print(f"wrote {result.checkpoint} (val mIoU {100 * result.val['miou']:.2f}%, "
+              f"{result.seconds:.0f} s)")
+
+
+def cmd_mfs(args: argparse.Namespace) -> None:
+    from distill.run import mfs_stage
+
+    result = mfs_stage(student=args.student, teacher=args.teacher, data_root=args.data,
+                       split=args.split, format=args.format, images=args.images,
+                       epsilon=args.epsilon, eta=args.eta, directions=args.directions,
+                       ascent_steps=args.ascent_steps, out=args.out, force=args.force)
+    ratios = ", ".join(f"{r:.3f}" for r in result["ratio"])
+    print(f"MFS {result['mfs']:.4f} (per stage: {ratios}; ε={args.epsilon}, "
+          f"{args.directions} directions, {args.ascent_steps} ascent steps, "
+          f"{result['settings']['images']} images)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -172,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("distill", help="train a student (distilled from --teacher) on a dataset")
-    p.add_argument("--data", required=True, help="dataset root (folder format)")
+    p.add_argument("--data", required=True, help="dataset root")
+    p.add_argument("--format", help="dataset format: folder, voc, cityscapes, ade20k, "
+                   "cocostuff10k (default: data.format in the config, else folder)")
     p.add_argument("--out", required=True, help="student checkpoint to write (.pt)")
     p.add_argument("--config", help="YAML with data/model/train/kd sections")
     p.add_argument("--teacher", help="teacher checkpoint written by bckd distill")
@@ -182,8 +203,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=0, help="override train.epochs")
     p.add_argument("--input-size", type=_size, help="override data.input_size and crop size")
     p.add_argument("--resume", action="store_true", help="continue from OUT.state.pt")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="log every loss term to OUT.tb/ for TensorBoard")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("analyze", help="analyses of trained models (MFS)")
+    analyses = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS",
+                                parser_class=_Parser)
+    p = analyses.add_parser("mfs", help="manifold stability of a student against its teacher "
+                            "(method.md §5.1)")
+    p.add_argument("--student", required=True, help="student checkpoint (.pt)")
+    p.add_argument("--teacher", required=True, help="teacher checkpoint (.pt)")
+    p.add_argument("--data", required=True, help="dataset root")
+    p.add_argument("--split", default="val")
+    p.add_argument("--format", default="folder", help="dataset format (default folder)")
+    p.add_argument("--images", type=int, default=32, help="images scored (default 32)")
+    p.add_argument("--epsilon", type=float, default=1e-3, help="perturbation norm ε")
+    p.add_argument("--eta", type=float, default=1e-6, help="floor η of the teacher's constant")
+    p.add_argument("--directions", type=int, default=8, help="random directions per image")
+    p.add_argument("--ascent-steps", type=int, default=1,
+                   help="gradient-ascent steps tightening the sup (default 1; 0: random only)")
+    p.add_argument("--out", help="also write the result as JSON here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.set_defaults(func=cmd_mfs)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX (simplified, parity-checked)")
     p.add_argument("checkpoint", help="student checkpoint (.pt) with its card")
@@ -213,13 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launched_rank() -> int:
+    """This process's rank under torchrun (0 when not launched by it); torch-free."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
     except BckdError as exc:
-        print(f"bckd: error: {exc}", file=sys.stderr)
+        if _launched_rank() == 0:  # under torchrun every rank fails alike: say it once
+            print(f"bckd: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bckd: interrupted", file=sys.stderr)

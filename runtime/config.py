@@ -49,7 +49,9 @@ class ModelConfig:
     width: float = 1.0
     output_stride: int = 8
     head_channels: int = 0  # 0: the head's default scaled by width
-    pretrained_backbone: str = ""  # path to torchvision-format weights; empty: random init
+    # Path to ImageNet weights in the backbone's upstream format (torchvision for ResNet and
+    # MobileNetV2, NVlabs/mmseg for MiT); empty: random init.
+    pretrained_backbone: str = ""
 
 
 @dataclass
@@ -73,6 +75,8 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     amp: str = "auto"  # auto | bf16 | fp16 | none; auto: bf16 where the device runs it natively
     channels_last: bool = True
+    tensorboard: bool = False  # write TensorBoard scalars to <checkpoint>.tb/ (needs tensorboard)
+    log_every: int = 10  # iterations between TensorBoard points
 
 
 @dataclass

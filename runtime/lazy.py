@@ -24,6 +24,7 @@ _PROVIDERS: dict[str, tuple[str, str | None]] = {
     "yaml": ("pyyaml", None),
     "PIL": ("pillow", None),
     "scipy": ("scipy", None),
+    "tensorboard": ("tensorboard", "train"),
 }
 
 

@@ -134,6 +134,10 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
 
     from distill.losses import method_names
 
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise BckdError("bckd run exports and profiles on one machine and cannot run under "
+                        "torchrun; distribute the training with 'torchrun ... -m runtime.cli "
+                        "distill' and run the other stages once")
     check_kd_options(cfg.methods, cfg.kd_options)
     for method in cfg.methods:
         method_names(method, method_kd(method, cfg.kd_options).options)

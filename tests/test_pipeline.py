@@ -85,8 +85,49 @@ def test_distill_resume_continues_from_state(quick_run, tmp_path):
     cfg.write_text("model:\n  width: 0.125\ntrain:\n  batch_size: 8\n")
     args = ["distill", "--data", str(out / "data"), "--out", str(ckpt), "--input-size", "64",
             "--config", str(cfg)]
-    assert main(args + ["--epochs", "1"]) == 0
-    assert main(args + ["--epochs", "1"]) == 1  # exists and no --resume: refused
+    assert main(args + ["--epochs", "2"]) == 0
+    assert main(args + ["--epochs", "2"]) == 1  # exists and no --resume: refused
+    ckpt.unlink()  # as if killed before the end: only the state is left
+    (tmp_path / "s.pt.card.json").unlink()
+    assert main(args + ["--epochs", "2"]) == 1  # a stale state is not overwritten silently
+    assert main(args + ["--epochs", "3", "--resume"]) == 1  # another schedule: refused
     assert main(args + ["--epochs", "2", "--resume"]) == 0
     card = json.loads((tmp_path / "s.pt.card.json").read_text())
     assert [h["epoch"] for h in card["history"]] == [1, 2]
+
+
+def test_analyze_mfs_on_run_outputs(quick_run, tmp_path, capsys):
+    out, cache = quick_run
+    teacher = next((cache / "teachers").glob("*/teacher.pt"))
+    student = out / "checkpoints" / "student-bckd.pt"
+    result = tmp_path / "mfs.json"
+    args = ["analyze", "mfs", "--student", str(student), "--teacher", str(teacher),
+            "--data", str(out / "data"), "--images", "4", "--directions", "2", "--out", str(result)]
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("MFS ")
+    mfs = json.loads(result.read_text())
+    assert len(mfs["ratio"]) == 4 and mfs["mfs"] > 0
+    assert mfs["settings"]["images"] == 4 and mfs["settings"]["ascent_steps"] == 1
+    assert main(args) == 1  # the result exists: refused, untouched
+    assert "already exists" in capsys.readouterr().err
+    assert main(args[:-2] + ["--epsilon", "-1"]) == 1
+    assert capsys.readouterr().err.startswith("bckd: error: MFS:")
+
+
+def test_distill_with_bckd_options_from_config(quick_run, tmp_path, capsys):
+    out, cache = quick_run
+    teacher = next((cache / "teachers").glob("*/teacher.pt"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  width: 0.125\nkd:\n  method: bckd+cwd\n  options:\n"
+                   "    bckd: {context: mse, weight: 0.5}\n    cwd: {tau: 2.0}\n")
+    ckpt = tmp_path / "s.pt"
+    args = ["distill", "--data", str(out / "data"), "--out", str(ckpt), "--input-size", "64",
+            "--config", str(cfg), "--teacher", str(teacher), "--epochs", "1"]
+    assert main(args) == 0
+    card = json.loads((tmp_path / "s.pt.card.json").read_text())
+    assert card["method"] == "bckd+cwd"
+    cfg.write_text("kd:\n  method: bckd\n  options:\n    bckd: {contxt: mse}\n")
+    capsys.readouterr()
+    assert main(args[:-2] + ["--force"]) == 1
+    assert "unknown option 'contxt' for distillation method 'bckd'; did you mean 'context'" in \
+        capsys.readouterr().err

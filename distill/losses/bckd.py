@@ -21,6 +21,12 @@ marks [RECON] is a named option here with the spec's default:
   term, multiplied by the factor after a training step whose teacher softmax inputs (divided by
   the current τ) span more than the bound (§2.7). The temperatures are buffers, so they are saved
   in the training state and restored on resume;
+* ``adapter_norm`` ('none' | 'bn'): whether the adapters (stage convs, aligner A) carry BatchNorm.
+  The spec's units are conv + BN + ReLU, but a normalisation layer makes both terms invariant to
+  the scale of the student's backbone features, so every SGD step along the (orthogonal)
+  gradient inflates them: with 'bn', C-KL drove the default student's C5 activations from ~6 to
+  ~5000 within one epoch, which broke fp32 ONNX parity and would ruin INT8 ranges. 'none'
+  (conv + bias + ReLU) keeps them at their supervised scale, so it is the default;
 * ``teacher_adapters`` ('frozen' at a fixed-seed random init, the spec's recommendation;
   'trained' like MMRazor connectors, which admits the collapse of §2.9; 'free': no teacher-side
   parameters, raw resized stage features and their channel mean as the boundary logit).
@@ -46,21 +52,24 @@ TEACHER_ADAPTERS = ("frozen", "trained", "free")
 CHUNK_ELEMENTS = 1 << 22  # relation entries per C-KL block when context_chunk is automatic
 
 
-def _adapter_bn(channels: int) -> nn.BatchNorm2d:
-    # Adapters only run in training, so batch statistics always; no running buffers to keep.
-    return nn.BatchNorm2d(channels, track_running_stats=False)
+def conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, norm: str) -> nn.Sequential:
+    """An adapter unit: conv, then BatchNorm (batch statistics, no running buffers: adapters only
+    run in training) when ``norm == 'bn'``, then ReLU."""
+    if norm == "bn":
+        return nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.BatchNorm2d(out_channels, track_running_stats=False), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size,
+                                   padding=kernel_size // 2), nn.ReLU(inplace=True))
 
 
 class StageFusion(nn.Module):
-    """Per-stage 3×3 conv (c_l → C/4) + BN + ReLU, bilinear resize to one size, concatenation."""
+    """Per-stage 3×3 conv (c_l → C/4) (+ BN) + ReLU, bilinear resize to one size, concatenation."""
 
-    def __init__(self, in_channels: tuple[int, ...], channels: int) -> None:
+    def __init__(self, in_channels: tuple[int, ...], channels: int, norm: str = "none") -> None:
         super().__init__()
         per_stage = channels // len(in_channels)
-        self.convs = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, per_stage, 3, padding=1, bias=False), _adapter_bn(per_stage),
-                          nn.ReLU(inplace=True))
-            for c in in_channels)
+        self.convs = nn.ModuleList(conv_norm_relu(c, per_stage, 3, norm) for c in in_channels)
 
     def forward(self, stages: list[Tensor], size: tuple[int, int]) -> Tensor:
         return torch.cat([_resize(conv(x), size) for conv, x in zip(self.convs, stages)], dim=1)
@@ -75,7 +84,8 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
 class TeacherSide(nn.Module):
     """The teacher's F^T and boundary logit; frozen, trained or parameter-free (§2.9)."""
 
-    def __init__(self, in_channels: tuple[int, ...], channels: int, mode: str, seed: int) -> None:
+    def __init__(self, in_channels: tuple[int, ...], channels: int, mode: str, seed: int,
+                 norm: str = "none") -> None:
         super().__init__()
         self.mode = mode
         if mode == "free":
@@ -83,7 +93,7 @@ class TeacherSide(nn.Module):
             return
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the same frozen projection in every run and process
-            self.fusion = StageFusion(in_channels, channels)
+            self.fusion = StageFusion(in_channels, channels, norm)
             self.edge = nn.Conv2d(channels, 1, 1)
         self.requires_grad_(mode == "trained")
 
@@ -134,13 +144,15 @@ class BCKDLoss(nn.Module):
                  context: str = "kl", context_chunk: int = 0, boundary_weight: float = 10.0,
                  context_weight: float = 50.0, decay: str = "epoch", tau_init: float = 1.0,
                  tau_factor: float = 1.05, tau_bound: float = 0.5, adapt_tau: bool = True,
-                 teacher_adapters: str = "frozen", seed: int = 0) -> None:
+                 teacher_adapters: str = "frozen", adapter_norm: str = "none",
+                 seed: int = 0) -> None:
         super().__init__()
         check_choice("context", context, ("kl", "mse"), "bckd")
         check_choice("decay", decay, ("epoch", "iter", "none"), "bckd")
         check_choice("teacher_adapters", teacher_adapters, TEACHER_ADAPTERS, "bckd")
         check_choice("teacher_boundary", teacher_boundary, ("soft", "hard"), "bckd")
         check_choice("pairs", pairs, ("crop", "pad"), "bckd")
+        check_choice("adapter_norm", adapter_norm, ("none", "bn"), "bckd")
         if feature_stride not in (4, 8, 16, 32):
             raise ValueError(f"feature_stride must be 4, 8, 16 or 32, got {feature_stride}")
         if channels < 4 or channels % 4:
@@ -149,11 +161,11 @@ class BCKDLoss(nn.Module):
         self.radius = radius
         self.teacher_boundary, self.context, self.chunk = teacher_boundary, context, context_chunk
         self.boundary_weight, self.context_weight, self.decay = boundary_weight, context_weight, decay
-        self.student_fusion = StageFusion(ctx.student_channels, channels)
+        self.student_fusion = StageFusion(ctx.student_channels, channels, adapter_norm)
         self.student_edge = nn.Conv2d(channels, 1, 1)
-        self.align = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False),
-                                   _adapter_bn(channels), nn.ReLU(inplace=True))
-        self.teacher_side = TeacherSide(ctx.teacher_channels, channels, teacher_adapters, seed)
+        self.align = conv_norm_relu(channels, channels, 1, adapter_norm)
+        self.teacher_side = TeacherSide(ctx.teacher_channels, channels, teacher_adapters, seed,
+                                        adapter_norm)
         self.tau_bd = AdaptiveTemperature(tau_init, tau_factor, tau_bound, adapt_tau)
         self.tau_cd = AdaptiveTemperature(tau_init, tau_factor, tau_bound,
                                           adapt_tau and context == "kl")

@@ -91,7 +91,7 @@ def main() -> None:
     teacher = out / "teacher.pt"
     if not teacher.is_file():
         distill_stage(data=cfg.data, data_root=data, model=cfg.teacher,
-                      train_cfg=cfg.teacher_train, out=teacher)
+                      train_cfg=cfg.teacher_train, out=teacher, resume=True)
     val_src = open_dataset(data, cfg.data.val_split)
     pre = Preprocess(size=tuple(cfg.data.input_size), ignore_index=val_src.ignore_index)
     val = SegDataset(val_src, pre, None)
@@ -102,12 +102,16 @@ def main() -> None:
     variants = dict(MAIN, **(ABLATION if args.ablation else {}))
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only}
-    for seed in args.seeds:
-        for name, (method, options) in variants.items():
-            record = out / "runs" / f"{name.replace('/', '_')}-s{seed}.json"
-            if not record.is_file():
-                run_one(cfg, data, teacher, name, method, options, seed, record, val,
-                        teacher_pred, targets, val_src.classes)
+    # The main comparison for every seed first, then the ablation: a stopped benchmark has the
+    # table that matters most, and a rerun continues where it stopped.
+    order = [(n, s) for group in (MAIN, ABLATION) for s in args.seeds for n in group
+             if n in variants]
+    for name, seed in order:
+        method, options = variants[name]
+        record = out / "runs" / f"{name.replace('/', '_')}-s{seed}.json"
+        if not record.is_file():
+            run_one(cfg, data, teacher, name, method, options, seed, record, val,
+                    teacher_pred, targets, val_src.classes)
     write_table(out, variants, results)
 
 

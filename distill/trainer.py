@@ -42,6 +42,7 @@ from runtime.data.preprocess import Preprocess
 from runtime.errors import BckdError
 from runtime.files import refuse_existing
 from runtime.lazy import require
+from runtime.boundary import BoundaryMeter
 from runtime.metrics import ConfusionMatrix
 
 
@@ -143,11 +144,13 @@ def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, dataset: SegDataset, num_classes: int,
-                   batch_size: int = 16, shard: tuple[int, int] = (0, 1)) -> ConfusionMatrix:
+                   batch_size: int = 16, shard: tuple[int, int] = (0, 1),
+                   boundary: BoundaryMeter | None = None) -> ConfusionMatrix:
     """Confusion matrix of ``model`` (in fp32) over an evaluation-view dataset.
 
     ``shard=(rank, world_size)`` scores only the images ``rank, rank + world_size, ...``; the
-    shards' matrices add up to the whole split's.
+    shards' matrices add up to the whole split's. A ``boundary`` meter, when given, also scores
+    each image's boundaries against the ground truth.
     """
     was_training = model.training
     model.eval()
@@ -156,7 +159,10 @@ def evaluate_model(model: torch.nn.Module, dataset: SegDataset, num_classes: int
     data = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
     cm = ConfusionMatrix(num_classes, dataset.preprocess.ignore_index)
     for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
-        cm.update(model(x.to(device)).argmax(1).cpu().numpy(), y.numpy())
+        pred, target = model(x.to(device)).argmax(1).cpu().numpy(), y.numpy()
+        cm.update(pred, target)
+        for p, t in zip(pred, target) if boundary is not None else ():
+            boundary.update(p, t)
     model.train(was_training)
     return cm
 
@@ -372,13 +378,21 @@ class Trainer:
         Each process scores its shard of the split; the confusion matrices are summed, so every
         process returns the scores of the whole split.
         """
+        meter = BoundaryMeter(len(self.classes), self.val_set.preprocess.ignore_index)
         cm = evaluate_model(self.task.student, self.val_set, len(self.classes),
-                            shard=(self.rank, self.world_size))
+                            shard=(self.rank, self.world_size), boundary=meter)
         if self.world_size > 1:
             counts = torch.from_numpy(cm.matrix).to(self.device)
             cm.matrix = distributed.all_reduce_sum(counts).cpu().numpy()
+            shards = distributed.all_gather_object(meter)  # collective: every rank merges all
+            meter = shards[0]
+            for other in shards[1:]:
+                meter.merge(other)
         summary = cm.summary(self.classes)
-        self.scalars.add("val", {"miou": summary["miou"], "pixel_acc": summary["pixel_acc"]},
+        edges = meter.summary()
+        summary.update(boundary_f=edges["boundary_f"], lhd=edges["lhd"])
+        self.scalars.add("val", {"miou": summary["miou"], "pixel_acc": summary["pixel_acc"],
+                                 "boundary_f": summary["boundary_f"], "lhd": summary["lhd"]},
                          self.iteration)
         return summary
 
@@ -431,7 +445,8 @@ def fit(trainer: Trainer, state_file: Path, val_every: int,
         val = None
         if val_every and trainer.epoch % val_every == 0:
             val = trainer.validate()
-            record["val_miou"] = val["miou"]
+            record.update(val_miou=val["miou"], val_boundary_f=val["boundary_f"],
+                          val_lhd=val["lhd"])
         trainer.history.append(record)
         log("  epoch %d/%d  " % (trainer.epoch, trainer.epochs)
             + "  ".join(f"{k}={v:.4f}" for k, v in record.items()
@@ -493,6 +508,7 @@ def train(*, model_cfg: ModelConfig, train_cfg: TrainConfig, train_source, val_s
                      if teacher_card else None),
             data=data_info or {}, train=to_dict(train_cfg), params=count_parameters(student),
             metrics={"val_miou": val["miou"], "val_pixel_acc": val["pixel_acc"],
+                     "val_boundary_f": val["boundary_f"], "val_lhd_gt": val["lhd"],
                      "per_class_iou": val["per_class_iou"]},
             train_seconds=round(seconds, 2), threads=threads, processes=trainer.world_size,
             history=trainer.history, device=str(device), amp=trainer.amp,

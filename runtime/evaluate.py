@@ -12,14 +12,20 @@ from typing import Any, Callable
 import numpy as np
 
 from runtime.data.preprocess import Preprocess
+from runtime.boundary import BoundaryMeter
 from runtime.metrics import ConfusionMatrix
 
 
 def evaluate_runner(runner, dataset, preprocess: Preprocess, classes: list[str],
                     batch_size: int = 1,
                     progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """mIoU (fraction), pixel accuracy and per-class IoU of ``runner`` on ``dataset``."""
+    """mIoU, pixel accuracy, per-class IoU and boundary metrics of ``runner`` on ``dataset``.
+
+    Scores are fractions, except ``lhd`` (pixels); the boundary metrics (boundary F, boundary IoU,
+    LHD, against the ground truth) are those of :class:`runtime.boundary.BoundaryMeter`.
+    """
     cm = ConfusionMatrix(len(classes), preprocess.ignore_index)
+    edges = BoundaryMeter(len(classes), preprocess.ignore_index)
     start = time.perf_counter()
     n = len(dataset)
     for lo in range(0, n, batch_size):
@@ -27,9 +33,15 @@ def evaluate_runner(runner, dataset, preprocess: Preprocess, classes: list[str],
         pairs = [dataset.load(i) for i in idx]
         x = preprocess.batch([img for img, _ in pairs])
         logits = runner.infer(x)
-        cm.update(np.argmax(logits, axis=1), np.stack([preprocess.mask(m) for _, m in pairs]))
+        pred = np.argmax(logits, axis=1)
+        target = np.stack([preprocess.mask(m) for _, m in pairs])
+        cm.update(pred, target)
+        for p, t in zip(pred, target):
+            edges.update(p, t)
         if progress:
             progress(idx[-1] + 1, n)
     summary = cm.summary(classes)
-    summary.update(images=n, seconds=round(time.perf_counter() - start, 3))
+    b = edges.summary()
+    summary.update(boundary_f=b["boundary_f"], boundary_iou=b["boundary_iou"], lhd=b["lhd"],
+                   images=n, seconds=round(time.perf_counter() - start, 3))
     return summary

@@ -88,6 +88,10 @@ def teacher_checkpoint(cfg: RunConfig, data_root: Path, fingerprint: str, log: L
     return ckpt
 
 
+def _pct(value: float | None) -> float | None:
+    return None if value is None else round(100 * value, 2)
+
+
 def measure(onnx_path: Path, data_root: Path, run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
     """Evaluate and profile one ONNX artifact with ONNX Runtime; returns a report row."""
     from runtime.backends import open_runner
@@ -114,6 +118,8 @@ def measure(onnx_path: Path, data_root: Path, run_dir: Path, cfg: RunConfig) -> 
         "precision": precision, "device": device, "threads": threads,
         "input_size": list(pre.size), "miou": round(100 * acc["miou"], 2),
         "pixel_acc": round(100 * acc["pixel_acc"], 2),
+        "boundary_f": _pct(acc["boundary_f"]), "boundary_iou": _pct(acc["boundary_iou"]),
+        "lhd": None if acc["lhd"] is None else round(acc["lhd"], 3),
         "per_class_iou": {k: (None if v is None else round(100 * v, 2))
                           for k, v in acc["per_class_iou"].items()},
         "latency_ms": {k: round(stats[k], 3) for k in ("p50", "p90", "p99", "mean", "std",

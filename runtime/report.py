@@ -19,6 +19,9 @@ Schema (``schema_version`` 1; later versions add fields and rows, never rename):
   input_size      [H, W] fed to the network
   miou            mean IoU on the validation split, **in percent** (0-100)
   pixel_acc       pixel accuracy, in percent
+  boundary_f      boundary F-score against the ground truth (3 px tolerance), in percent
+  boundary_iou    boundary IoU (3 px band), in percent
+  lhd             local Hausdorff distance to the ground-truth boundaries (r = 5), in pixels
   per_class_iou   {class: IoU in percent, or null when the class is absent}
   latency_ms      {p50, p90, p99, mean, std, min, max} in milliseconds, batch ``batch``
   fps             images per second from the mean latency
@@ -93,6 +96,8 @@ TABLE_COLUMNS = (
     ("backend", "backend", lambda r: r["backend"]),
     ("precision", "precision", lambda r: r["precision"]),
     ("mIoU %", "miou", lambda r: r["miou"]),
+    ("bF %", "boundary_f", lambda r: r.get("boundary_f")),
+    ("LHD px", "lhd", lambda r: r.get("lhd")),
     ("p50 ms", "p50", lambda r: r["latency_ms"]["p50"]),
     ("p99 ms", "p99", lambda r: r["latency_ms"]["p99"]),
     ("FPS", "fps", lambda r: r["fps"]),

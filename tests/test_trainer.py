@@ -102,6 +102,7 @@ def test_checkpoint_card_records_training(tiny_data, tmp_path):
     assert card["amp"] in ("bf16", "none") and card["device"] == "cpu"
     assert card["arch"]["width"] == 0.125 and card["params"] > 0
     assert 0 <= card["metrics"]["val_miou"] <= 1
+    assert 0 <= card["metrics"]["val_boundary_f"] <= 1 and card["metrics"]["val_lhd_gt"] >= 0
 
 
 RESUME_CFG = dict(epochs=3, batch_size=8, crop_size=(32, 32), amp="none", threads=1, val_every=1)

@@ -64,7 +64,12 @@ def conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, norm: 
 
 
 class StageFusion(nn.Module):
-    """Per-stage 3×3 conv (c_l → C/4) (+ BN) + ReLU, bilinear resize to one size, concatenation."""
+    """Per-stage 3×3 conv (c_l → C/4) (+ BN) + ReLU and a bilinear resize to one size, concatenated.
+
+    A stage larger than the target is resized *before* its conv and a smaller one after, so every
+    conv runs at the smaller of the two resolutions (the paper only says "convolution and
+    up-/down-sampling"; this order keeps the stride-4 stage from dominating the adapters' cost).
+    """
 
     def __init__(self, in_channels: tuple[int, ...], channels: int, norm: str = "none") -> None:
         super().__init__()
@@ -72,7 +77,13 @@ class StageFusion(nn.Module):
         self.convs = nn.ModuleList(conv_norm_relu(c, per_stage, 3, norm) for c in in_channels)
 
     def forward(self, stages: list[Tensor], size: tuple[int, int]) -> Tensor:
-        return torch.cat([_resize(conv(x), size) for conv, x in zip(self.convs, stages)], dim=1)
+        out = []
+        for conv, x in zip(self.convs, stages):
+            if x.shape[-2] * x.shape[-1] > size[0] * size[1]:
+                out.append(conv(_resize(x, size)))
+            else:
+                out.append(_resize(conv(x), size))
+        return torch.cat(out, dim=1)
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:

@@ -26,6 +26,16 @@ def unknown_name_message(kind: str, name: str, valid: list[str] | tuple[str, ...
     return f"unknown {kind} '{name}'{did_you_mean} (valid: {', '.join(sorted(valid))})"
 
 
+def check_known(keys, valid: list[str] | tuple[str, ...], what: str, where: str = "") -> None:
+    """Raise 'unknown <what> 'x'<where>; did you mean 'y'? (valid: ...)' for the first unknown key."""
+    for key in keys:
+        if key not in valid:
+            hint = closest(str(key), valid)
+            did_you_mean = f"; did you mean '{hint}'?" if hint else ""
+            raise BckdError(f"unknown {what} '{key}'{where}{did_you_mean} "
+                            f"(valid: {', '.join(valid)})")
+
+
 class Registry(Generic[T]):
     """A name -> object table filled by the ``register`` decorator."""
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from runtime.errors import BckdError
-from runtime.registry import Registry, closest
+from runtime.registry import Registry, check_known
 
 LOSSES: Registry = Registry("distillation method")
 
@@ -85,13 +85,8 @@ def build_loss(name: str, ctx: LossContext | None = None, **options: Any) -> nn.
     """Build the loss registered as ``name``; a misspelt option is a one-line user error."""
     cls = LOSSES.get(name)
     params = inspect.signature(cls).parameters
-    valid = [p for p in params if p != "ctx"]
-    for key in options:
-        if key not in valid:
-            hint = closest(key, valid)
-            did_you_mean = f"; did you mean '{hint}'?" if hint else ""
-            raise BckdError(f"unknown option '{key}' for distillation method '{name}'{did_you_mean}"
-                            f" (valid: {', '.join(['weight', *valid]) })")
+    check_known(options, [p for p in params if p != "ctx"], "option",
+                f" for distillation method '{name}'")
     if "ctx" in params:
         options["ctx"] = ctx or LossContext()
     try:
@@ -115,13 +110,7 @@ def method_names(method: str, options: dict[str, dict[str, Any]] | None = None) 
         if key not in names:
             raise BckdError(f"kd.options has settings for '{key}', which is not part of method "
                             f"'{method}'; add it to the method or remove its options")
-        valid = loss_options(key)
-        for opt in opts or {}:
-            if opt not in valid:
-                hint = closest(opt, valid)
-                did_you_mean = f"; did you mean '{hint}'?" if hint else ""
-                raise BckdError(f"unknown option '{opt}' for distillation method '{key}'"
-                                f"{did_you_mean} (valid: {', '.join(valid)})")
+        check_known(opts or {}, loss_options(key), "option", f" for distillation method '{key}'")
     return names
 
 

@@ -14,7 +14,7 @@ from distill.models.heads import HEADS
 from distill.models.ops import make_divisible, resize_to
 from distill.models.resnet import BACKBONES, load_backbone_weights
 from runtime.errors import BckdError
-from runtime.registry import closest
+from runtime.registry import check_known
 
 
 class Segmentor(nn.Module):
@@ -94,13 +94,7 @@ def _arch_keys() -> list[str]:
 
 def model_from_arch(arch: Mapping[str, Any]) -> Segmentor:
     """Rebuild a segmentor from its ``arch`` dict; unknown or missing keys are user errors."""
-    valid = _arch_keys()
-    for key in arch:
-        if key not in valid:
-            hint = closest(key, valid)
-            did_you_mean = f"; did you mean '{hint}'?" if hint else ""
-            raise BckdError(f"unknown model arch key '{key}'{did_you_mean} "
-                            f"(valid: {', '.join(valid)})")
+    check_known(arch, _arch_keys(), "model arch key")
     if "num_classes" not in arch:
         raise BckdError("model arch has no 'num_classes'; add it (the number of output classes)")
     return build_segmentor(**arch)

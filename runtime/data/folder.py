@@ -22,6 +22,7 @@ import numpy as np
 
 from runtime.data import DATASETS
 from runtime.data.preprocess import read_image, read_mask
+from runtime.data.standard import read_id_list, split_error
 from runtime.errors import BckdError
 from runtime.files import atomic_write_json
 
@@ -119,14 +120,8 @@ def list_splits(root: str | os.PathLike) -> list[str]:
 def _read_split(root: Path, split: str) -> list[str]:
     path = root / "splits" / f"{split}.txt"
     if not path.is_file():
-        available = list_splits(root)
-        listed = ", ".join(available) if available else "none"
-        raise BckdError(f"split '{split}' not found in {root} (no {path}); available splits: {listed}")
-    ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    ids = [i for i in ids if i]
-    if not ids:
-        raise BckdError(f"split file {path} lists no ids; add one id per line")
-    return ids
+        raise split_error(split, root, path, list_splits(root))
+    return read_id_list(path)
 
 
 def _index_files(folder: Path, exts: Sequence[str]) -> dict[str, Path]:

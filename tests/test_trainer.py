@@ -180,3 +180,21 @@ def test_tensorboard_scalars(tiny_data, tmp_path, monkeypatch):
     assert [e.step for e in events.Scalars("train/total")] == [1, 2, 3, 4]
     assert [e.step for e in events.Scalars("epoch/total")] == [2, 4]
     assert events.Scalars("loss/kd/tau")[0].value == 1.0
+
+
+def test_distill_stage_trains_on_a_standard_layout(tmp_path):
+    """A Cityscapes-layout dataset (no dataset.json) goes through the distill stage."""
+    from test_datasets import make_cityscapes
+
+    from distill.run import distill_stage
+    from runtime.config import DataConfig, ModelConfig, TrainConfig
+
+    make_cityscapes(tmp_path / "cs")
+    data = DataConfig(format="cityscapes", input_size=(16, 24))
+    result = distill_stage(data=data, data_root=tmp_path / "cs", model=ModelConfig(width=0.125),
+                           train_cfg=TrainConfig(epochs=1, batch_size=2, crop_size=(16, 24),
+                                                 threads=1),
+                           out=tmp_path / "s.pt", log=lambda m: None)
+    card = result.card
+    assert card["num_classes"] == 19 and card["data"]["format"] == "cityscapes"
+    assert card["data"]["images"] == {"train": 2, "val": 1} and len(card["data"]["meta_sha256"]) == 64

@@ -241,3 +241,19 @@ def test_adapters_never_reach_the_student():
     assert count_parameters(loss) > 0
     assert count_parameters(student) == plain
     assert not any(k.startswith(("student_fusion", "align")) for k in student.state_dict())
+
+
+def test_embed_norm_bounds_the_relation_and_can_be_switched_off():
+    from distill.losses.bckd import _rescale
+
+    x = torch.randn(2, 10, 16) * 100
+    assert torch.allclose(_rescale(x).norm(dim=-1), torch.full((2, 10), 4.0), rtol=1e-5)
+    inputs = _inputs()
+    for f in inputs.student_feats:
+        f.mul_(1000)  # huge student activations: the l2 relation does not care
+    big = build_loss("bckd", CTX, channels=16, boundary_weight=0.0).eval()
+    torch.manual_seed(0)
+    plain = build_loss("bckd", CTX, channels=16, boundary_weight=0.0, embed_norm="none").eval()
+    assert big(inputs).item() < plain(inputs).item()
+    with pytest.raises(BckdError, match="embed_norm"):
+        build_loss("bckd", CTX, embed_norm="l1")

@@ -21,6 +21,11 @@ marks [RECON] is a named option here with the spec's default:
   term, multiplied by the factor after a training step whose teacher softmax inputs (divided by
   the current τ) span more than the bound (§2.7). The temperatures are buffers, so they are saved
   in the training state and restored on resume;
+* ``embed_norm`` ('l2' | 'none'): each pixel embedding entering the self-relation is rescaled to
+  norm √C (what unit-variance channels give), so relation logits stay within ±√C/τ and the
+  C-MSE relation within ±1. Without it the un-normalised adapters let the student grow its
+  embeddings to sharpen its relation, and C-KL diverged to NaN within 20 iterations at the
+  default learning rate (measured); 'l2' is the default;
 * ``adapter_norm`` ('none' | 'bn'): whether the adapters (stage convs, aligner A) carry BatchNorm.
   The spec's units are conv + BN + ReLU, but a normalisation layer makes both terms invariant to
   the scale of the student's backbone features, so every SGD step along the (orthogonal)
@@ -156,7 +161,7 @@ class BCKDLoss(nn.Module):
                  context_weight: float = 50.0, decay: str = "epoch", tau_init: float = 1.0,
                  tau_factor: float = 1.05, tau_bound: float = 0.5, adapt_tau: bool = True,
                  teacher_adapters: str = "frozen", adapter_norm: str = "none",
-                 seed: int = 0) -> None:
+                 embed_norm: str = "l2", seed: int = 0) -> None:
         super().__init__()
         check_choice("context", context, ("kl", "mse"), "bckd")
         check_choice("decay", decay, ("epoch", "iter", "none"), "bckd")
@@ -164,6 +169,8 @@ class BCKDLoss(nn.Module):
         check_choice("teacher_boundary", teacher_boundary, ("soft", "hard"), "bckd")
         check_choice("pairs", pairs, ("crop", "pad"), "bckd")
         check_choice("adapter_norm", adapter_norm, ("none", "bn"), "bckd")
+        check_choice("embed_norm", embed_norm, ("l2", "none"), "bckd")
+        self.embed_norm = embed_norm
         if feature_stride not in (4, 8, 16, 32):
             raise ValueError(f"feature_stride must be 4, 8, 16 or 32, got {feature_stride}")
         if channels < 4 or channels % 4:
@@ -228,6 +235,8 @@ class BCKDLoss(nn.Module):
         xs = as_float(self.align(fs)).flatten(2).transpose(1, 2)
         xt = as_float(ft).flatten(2).transpose(1, 2)
         with full_precision(xs):
+            if self.embed_norm == "l2":
+                xs, xt = _rescale(xs), _rescale(xt)
             return self._relation_loss(xs, xt)
 
     def _relation_loss(self, xs: Tensor, xt: Tensor) -> Tensor:
@@ -253,6 +262,11 @@ class BCKDLoss(nn.Module):
         """Unweighted terms, r(t) and both temperatures, for TensorBoard."""
         return {**self.last_terms, "tau_boundary": self.tau_bd.value,
                 "tau_context": self.tau_cd.value}
+
+
+def _rescale(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """Each pixel embedding (last axis) rescaled to norm √C, the norm of unit-variance channels."""
+    return x * (x.shape[-1] ** 0.5 / (x.norm(dim=-1, keepdim=True) + eps))
 
 
 def _relation_range_sample(xt: Tensor, rows: int = 256) -> Tensor:

@@ -153,7 +153,8 @@ def test_loss_terms_weights_decay_and_teacher_gets_no_gradient():
     value = loss(inputs)
     terms = loss.log_scalars()
     assert terms["decay"] == pytest.approx(0.75)  # r(t=2) = 1 - (2-1)/4
-    expect = 0.75 * (10 * terms["boundary"] + 50 * terms["context"])
+    assert (loss.boundary_weight, loss.context_weight) == (10.0, 5.0)
+    expect = 0.75 * (10 * terms["boundary"] + 5 * terms["context"])
     assert value.item() == pytest.approx(expect, rel=1e-5)
     value.backward()
     assert all(t.grad is None for t in inputs.teacher_feats)

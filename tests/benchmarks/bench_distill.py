@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -81,6 +82,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20, help="student epochs (default run: 20)")
     ap.add_argument("--ablation", action="store_true")
     ap.add_argument("--only", nargs="*", help="train only these variants")
+    ap.add_argument("--table-only", action="store_true",
+                    help="train nothing; write the table from the runs kept under --out")
     args = ap.parse_args()
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -111,7 +114,7 @@ def main() -> None:
     for name, seed in order:
         method, options = variants[name]
         record = out / "runs" / f"{name.replace('/', '_')}-s{seed}.json"
-        if not record.is_file():
+        if not record.is_file() and not args.table_only:
             run_one(cfg, data, teacher, name, method, options, seed, record, val,
                     teacher_pred, targets, val_src.classes)
     write_table(out, variants, results)
@@ -138,8 +141,9 @@ def run_one(cfg, data, teacher, name, method, options, seed, record, val, teache
 
 def write_table(out: Path, variants: dict, results: dict) -> None:
     for name in variants:
-        runs = [json.loads(p.read_text())
-                for p in sorted((out / "runs").glob(f"{name.replace('/', '_')}-s*.json"))]
+        stem = name.replace("/", "_")
+        runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"{stem}-s*.json"))
+                if re.fullmatch(rf"{re.escape(stem)}-s\d+\.json", p.name)]  # not the .card.json
         if runs:
             results[name] = runs
     lines = ["| student | seeds | mIoU % | boundary F % | boundary IoU % | LHD vs teacher px "

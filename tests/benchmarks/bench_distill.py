@@ -8,7 +8,9 @@ adapters trained / parameter-free, feature stride 4, pair radius 3. Every studen
 against the ground truth. Writes ``table.md`` / ``table.json`` with mean ± std over seeds.
 
 Each finished run is kept under ``--out`` (``runs/<variant>-s<seed>.json``), so an interrupted
-benchmark resumes where it stopped and more seeds can be added later.
+benchmark resumes where it stopped and more seeds can be added later. The records behind the
+README's table are copied to ``tests/benchmarks/results/distill/``; they are comparable only with
+runs from the same teacher (``--out``'s ``teacher.pt``), so a new teacher means rerunning all.
 
     python tests/benchmarks/bench_distill.py --out /tmp/bench-distill --seeds 0 1 2 --ablation
 """

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from distill.losses import DistillInputs, LossContext, build_loss
-from distill.losses.bckd_ops import (context_kl, context_mse, irnet_paths, pairwise_boundary,
-                                     spatial_kl)
+from distill.losses.bckd_ops import context_kl, context_mse, irnet_paths, pairwise_boundary
+from distill.losses.cwd import channel_wise_kl as spatial_kl
 from distill.models import build_segmentor, count_parameters
 from runtime.errors import BckdError
 

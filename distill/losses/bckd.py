@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.losses.base import LOSSES, DistillInputs, LossContext
-from distill.losses.bckd_ops import context_kl, context_mse, pairwise_boundary, spatial_kl
+from distill.losses.bckd_ops import context_kl, context_mse, pairwise_boundary
+from distill.losses.cwd import channel_wise_kl
 from distill.losses.functional import as_float, check_choice, full_precision
 
 TEACHER_ADAPTERS = ("frozen", "trained", "free")
@@ -231,7 +232,8 @@ class BCKDLoss(nn.Module):
             prob_t = (prob_t > 0.5).to(prob_t.dtype)
         bt = pairwise_boundary(prob_t, radius, self.pairs)
         self.tau_bd.update(bt)
-        return spatial_kl(bs, bt, self.tau_bd.tau.to(bs.dtype))
+        # L_bd is CWD's spatial-softmax KL with each offset as a channel (method.md §2.4)
+        return channel_wise_kl(bs, bt, self.tau_bd.tau.to(bs.dtype))
 
     def context_loss(self, fs: Tensor, ft: Tensor) -> Tensor:
         """L_cd between the self-relations of A(F^S) and F^T."""

@@ -77,19 +77,6 @@ def pairwise_boundary(b: Tensor, radius: int, pairs: str = "crop") -> Tensor:
     return gathered.amax(dim=2)
 
 
-def spatial_kl(student: Tensor, teacher: Tensor, tau: float | Tensor) -> Tensor:
-    """τ²/(B·K) Σ_b Σ_k KL(σ(T_bk/τ) ‖ σ(S_bk/τ)) with σ the softmax over all spatial positions.
-
-    Inputs are (B, K, ...) maps; the teacher side carries no gradient. This is L_bd (Eq. 3 [RECON])
-    when the inputs are pairwise boundaries, and CWD when they are logits.
-    """
-    s = student.flatten(2) / tau
-    t = teacher.detach().flatten(2) / tau
-    log_ps, log_pt = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1)
-    return kl.mean() * tau * tau
-
-
 # --------------------------------------------------------------------------------------------
 # Context (§2.5): C-KL (row-softmax self-relation, chunked) and C-MSE (Gram shortcut)
 # --------------------------------------------------------------------------------------------

@@ -1,20 +1,35 @@
 """Torch -> ONNX export: trace, check, simplify, verify parity, and write the ONNX file with its card.
 
+Simplification tries onnxsim, then onnxslim (:data:`SIMPLIFIERS`); the card records which one ran
+or why none did. Parity compares torch with the written file under ONNX Runtime and OpenVINO (f32
+inference precision, set explicitly) at a size and batch other than the traced ones; a backend that
+is not installed is recorded as skipped, not failed.
+
+The sidecar card stays the primary one; a copy is embedded in the ONNX ``metadata_props`` (key
+``bckd.card``, plus a few flat keys) so a file separated from its sidecar still says what it is.
+The copy excludes the file's own ``sha256``, which cannot be known before the file is written. It
+is added after the parity run, and only the metadata changes: parity ran on the same graph.
+
 This is the only place in ``export/`` that touches torch, and it imports torch inside the functions
-that need it, so ``import export`` (and :func:`check_onnx_file`) work on a torch-free device.
+that need it, so ``import export`` (and :func:`check_onnx_file`, :func:`read_onnx_card`) work on a
+torch-free device.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import io
+import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
-from export.parity import check_parity, describe_failure
-from runtime.backends import open_runner
+import numpy as np
+
+from export.parity import (DEFAULT_TOL, MIN_ARGMAX_AGREEMENT, ModelFn, check_parity, combine_parity,
+                           describe_failure, skipped_parity)
+from runtime.backends import BACKENDS, open_runner
 from runtime.card import new_card, tool_versions, write_card
 from runtime.errors import BckdError
 from runtime.files import atomic_path, refuse_existing, sha256_file
@@ -25,6 +40,15 @@ OUTPUT_NAME = "logits"
 MIN_OPSET = 17  # first opset with LayerNormalization; older ones split it into many small ops
 DYNAMIC_AXES = {0: "batch", 2: "height", 3: "width"}
 _CARD_HEADER = ("card_version", "kind", "created", "host")
+# Backends the exported file is compared on, and the options that make the comparison exact.
+PARITY_BACKENDS = ("onnxruntime", "openvino")
+_PARITY_OPTIONS: dict[str, dict[str, Any]] = {"openvino": {"device": "CPU", "precision": "f32"}}
+_BACKEND_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
+# ONNX metadata_props: the whole card (minus its sha256) and flat copies of the fields tools show.
+METADATA_CARD_KEY = "bckd.card"
+METADATA_PREFIX = "bckd."
+METADATA_FLAT_FIELDS = ("kind", "arch", "task", "classes", "input_size", "preprocess", "precision")
+METADATA_EXCLUDED = ("sha256",)  # the file's own hash: unknown until the file is written
 
 
 class ExportWarning(UserWarning):
@@ -41,20 +65,26 @@ def export_onnx(
     dynamic: bool = True,
     simplify: bool = True,
     parity_size: tuple[int, int] | None = None,
-    parity_tol: float = 1e-4,
+    parity_tol: float = DEFAULT_TOL,
+    parity_agreement: float = MIN_ARGMAX_AGREEMENT,
+    parity_backends: Sequence[str] = PARITY_BACKENDS,
     force: bool = False,
 ) -> dict:
     """Export ``model`` (NCHW float32 image -> (B, K, H, W) logits) to ONNX and return its card.
 
     The model is traced at batch 1 x ``input_size``; with ``dynamic`` the batch, height and width
-    stay symbolic. Parity against ONNX Runtime runs at ``parity_size`` (default: a different size
-    and batch 2 when dynamic, the traced shape when static); a failure warns and is recorded in the
-    card, and the artifact is still written so it can be inspected.
+    stay symbolic. Parity against each of ``parity_backends`` runs at ``parity_size`` (default: a
+    different size and batch 2 when dynamic, the traced shape when static) and passes when
+    max |Δlogit| <= ``parity_tol`` and the argmax agrees on >= ``parity_agreement`` of the pixels.
+    A failure warns and is recorded in the card, and the artifact is still written so it can be
+    inspected.
     """
     out_path = Path(out_path)
     input_size = _size_pair(input_size, "input_size")
     parity_size, parity_batch = _parity_shape(input_size, parity_size, dynamic)
     _check_opset(opset)
+    for backend in parity_backends:
+        BACKENDS.get(backend)  # an unknown name fails now, not after tracing
     refuse_existing(out_path, "ONNX file", force)
     onnx = require("onnx", "exporting to ONNX")
     with _eval_mode(model):
@@ -62,11 +92,15 @@ def export_onnx(
         proto = _trace(model, input_size, opset, dynamic)
         _pin_static_output_dims(proto, traced_out, dynamic)
         _check_proto(proto, "the traced model")
-        proto, simp = simplify_model(proto) if simplify else (proto, _not_simplified(None))
+        proto, simp = simplify_model(proto) if simplify else (proto, _simplify_disabled())
         with atomic_path(out_path) as tmp:
             onnx.save_model(proto, tmp, format="protobuf")
-            parity = _torch_vs_onnxruntime(model, tmp, parity_size, parity_batch, parity_tol)
-            result = _build_card(card or {}, proto, tmp, opset, dynamic, input_size, simp, parity)
+            parity = _parity(model, tmp, parity_size, parity_batch,
+                             (parity_tol, parity_agreement), parity_backends)
+            result = _build_card(card or {}, proto, opset, dynamic, input_size, simp, parity)
+            embed_card(proto, result)
+            onnx.save_model(proto, tmp, format="protobuf")
+            result["sha256"] = sha256_file(tmp)
     write_card(out_path, result)
     if not parity["ok"]:
         warnings.warn(
@@ -92,6 +126,40 @@ def check_onnx_file(path: str | os.PathLike) -> Any:
         reason = _first_line(exc.__cause__ or exc)
         raise BckdError(f"{path} is not a valid ONNX model ({reason}); re-export it") from exc
     return proto
+
+
+def embed_card(proto: Any, card: dict) -> None:
+    """Store ``card`` (minus :data:`METADATA_EXCLUDED`) in ``proto.metadata_props``.
+
+    Earlier ``bckd.*`` entries are replaced; other producers' entries are kept.
+    """
+    kept = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith(METADATA_PREFIX)]
+    entries = {METADATA_CARD_KEY: {k: v for k, v in card.items() if k not in METADATA_EXCLUDED}}
+    entries.update({METADATA_PREFIX + k: card[k] for k in METADATA_FLAT_FIELDS if k in card})
+    del proto.metadata_props[:]
+    for key, value in kept:
+        proto.metadata_props.add(key=key, value=value)
+    for key, value in entries.items():
+        proto.metadata_props.add(key=key, value=json.dumps(value, sort_keys=False))
+
+
+def read_onnx_card(source: str | os.PathLike | Any) -> dict | None:
+    """The card embedded in an ONNX file or ModelProto, or None if it has none.
+
+    It lacks the file's ``sha256`` (see :data:`METADATA_EXCLUDED`); the sidecar card has it.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        onnx = require("onnx", "reading ONNX metadata")
+        source = onnx.load(str(source), load_external_data=False)
+    props = {p.key: p.value for p in source.metadata_props}
+    if METADATA_CARD_KEY not in props:
+        return None
+    try:
+        card = json.loads(props[METADATA_CARD_KEY])
+    except json.JSONDecodeError as exc:
+        raise BckdError(f"the ONNX metadata {METADATA_CARD_KEY!r} is not valid JSON ({exc}); "
+                        "re-export the model") from exc
+    return card if isinstance(card, dict) else None
 
 
 # -- argument checks -------------------------------------------------------------------------------
@@ -227,15 +295,22 @@ def _onnxsim(proto: Any) -> Any:
     return simplified
 
 
-# Tried in order until one succeeds; a fallback simplifier is one more entry.
-SIMPLIFIERS: list[tuple[str, Callable[[Any], Any]]] = [("onnxsim", _onnxsim)]
+def _onnxslim(proto: Any) -> Any:
+    onnxslim = require("onnxslim", "simplifying ONNX graphs")
+    # Without model_check / input shapes onnxslim only folds and fuses; dynamic axes stay symbolic.
+    return onnxslim.slim(proto)
+
+
+# Tried in order until one succeeds: onnxsim, then onnxslim when onnxsim is missing or fails.
+SIMPLIFIERS: list[tuple[str, Callable[[Any], Any]]] = [("onnxsim", _onnxsim), ("onnxslim", _onnxslim)]
 
 
 def simplify_model(proto: Any) -> tuple[Any, dict]:
     """Simplify with the first working entry of :data:`SIMPLIFIERS`; keep ``proto`` if none works.
 
-    Returns the graph to write and the card fields ``simplified``, ``simplifier`` and
-    ``simplify_error`` (the failures met on the way, or None).
+    Returns the graph to write and the card fields ``simplified``, ``simplifier`` (the one that
+    ran, or None), ``simplify_error`` (the failures met on the way, or None) and
+    ``simplify_skipped`` (None here; set when simplification was turned off).
     """
     errors = []
     for name, simplifier in SIMPLIFIERS:
@@ -247,9 +322,8 @@ def simplify_model(proto: Any) -> tuple[Any, dict]:
         except Exception as exc:  # any failure of an optional optimisation keeps the checked graph
             errors.append(f"{name}: {_first_line(exc)}")
             continue
-        return candidate, {
-            "simplified": True, "simplifier": name, "simplify_error": "; ".join(errors) or None,
-        }
+        return candidate, {"simplified": True, "simplifier": name,
+                           "simplify_error": "; ".join(errors) or None, "simplify_skipped": None}
     warnings.warn(
         f"could not simplify the ONNX graph ({'; '.join(errors)}); keeping the unsimplified graph",
         ExportWarning, stacklevel=3,
@@ -257,8 +331,14 @@ def simplify_model(proto: Any) -> tuple[Any, dict]:
     return proto, _not_simplified("; ".join(errors))
 
 
-def _not_simplified(error: str | None) -> dict:
-    return {"simplified": False, "simplifier": None, "simplify_error": error}
+def _not_simplified(error: str) -> dict:
+    return {"simplified": False, "simplifier": None, "simplify_error": error,
+            "simplify_skipped": None}
+
+
+def _simplify_disabled() -> dict:
+    return {"simplified": False, "simplifier": None, "simplify_error": None,
+            "simplify_skipped": "turned off by the caller (simplify=False)"}
 
 
 def _same_io(before: Any, after: Any) -> None:
@@ -272,30 +352,61 @@ def _same_io(before: Any, after: Any) -> None:
 
 
 # -- parity and card -------------------------------------------------------------------------------
-def _torch_vs_onnxruntime(
-    model: Any, onnx_path: Path, size: tuple[int, int], batch: int, tol: float
+def _parity(
+    model: Any, onnx_path: Path, size: tuple[int, int], batch: int,
+    limits: tuple[float, float], backends: Sequence[str],
 ) -> dict:
-    """Compare the torch model with the written ONNX file under ONNX Runtime."""
+    """Compare the torch model with the written ONNX file on each backend (the card's ``parity``)."""
+    reference = _torch_reference(model)
+    results = {b: _backend_parity(b, reference, onnx_path, size, batch, limits) for b in backends}
+    return combine_parity(results, reference="torch")
+
+
+def _torch_reference(model: Any) -> ModelFn:
+    """The torch side of parity; it runs once and is reused for every backend (same input)."""
     torch = require("torch", "exporting to ONNX")
     device = _device(model)
+    cache: dict[bytes, dict] = {}
 
-    def reference(x: Any) -> dict:
-        with torch.inference_mode():
-            return {OUTPUT_NAME: model(torch.from_numpy(x).to(device)).float().cpu().numpy()}
+    def reference(x: np.ndarray) -> dict:
+        key = repr(x.shape).encode() + x.tobytes()
+        if key not in cache:
+            cache.clear()
+            with torch.inference_mode():
+                y = model(torch.from_numpy(x).to(device)).float().cpu().numpy()
+            cache[key] = {OUTPUT_NAME: y}
+        return cache[key]
 
+    return reference
+
+
+def _backend_parity(
+    backend: str, reference: ModelFn, onnx_path: Path, size: tuple[int, int], batch: int,
+    limits: tuple[float, float],
+) -> dict:
+    """One backend's parity result; skipped when its package is not installed."""
+    try:
+        require(_BACKEND_MODULES.get(backend, backend), f"{backend} parity")
+    except BckdError as exc:
+        return skipped_parity(backend, str(exc))
     # card={} because the temporary file has no sidecar yet.
-    with open_runner("onnxruntime", onnx_path, card={}) as runner:
-        return check_parity(
-            reference, lambda x: {OUTPUT_NAME: runner.infer(x)},
-            size=size, batch=batch, tol=tol, backend="onnxruntime",
-        )
+    runner = open_runner(backend, onnx_path, card={}, **_PARITY_OPTIONS.get(backend, {}))
+    try:
+        runner.activate()
+    except BckdError as exc:  # a backend that cannot load the file fails parity, with the reason
+        return {"backend": backend, "ok": False, "error": f"could not load the model: {exc}"}
+    with runner:
+        result = check_parity(reference, lambda x: {OUTPUT_NAME: runner.infer(x)}, size=size,
+                              batch=batch, tol=limits[0], min_agreement=limits[1], backend=backend)
+        result["runner"] = {k: v for k, v in runner.describe().items() if k != "artifact"}
+    return result
 
 
 def _build_card(
-    base: dict, proto: Any, onnx_file: Path, opset: int, dynamic: bool,
+    base: dict, proto: Any, opset: int, dynamic: bool,
     input_size: tuple[int, int], simp: dict, parity: dict,
 ) -> dict:
-    """The ONNX card: the training card's fields plus what this export did."""
+    """The ONNX card (without its ``sha256``): the training card's fields plus this export."""
     fields = {k: v for k, v in base.items() if k not in _CARD_HEADER}
     card = new_card("onnx", **fields)
     card.setdefault("input_size", list(input_size))
@@ -314,9 +425,8 @@ def _build_card(
     source = _source_entry(base.get("source"))
     if source is not None:
         card["source"] = source
-    card["tools"] = tool_versions("torch", "onnx", "onnxruntime", "onnxsim")
+    card["tools"] = tool_versions("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "openvino")
     card["parity"] = parity
-    card["sha256"] = sha256_file(onnx_file)
     return card
 
 

@@ -1,8 +1,9 @@
 """Numerical parity between a reference model and an exported artifact.
 
 Both sides are plain callables from one NCHW float32 array to ``{output name: array}``, so the
-same check serves torch vs ONNX Runtime today and torch (or ONNX) vs OpenVINO / TensorRT later.
-This module is torch-free; the torch side is wrapped by the caller.
+same check serves torch vs ONNX Runtime, OpenVINO or TensorRT. :func:`check_parity` compares one
+candidate; :func:`combine_parity` gathers several backends (some possibly skipped) into the card's
+``parity`` section. This module is torch-free; the torch side is wrapped by the caller.
 """
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ Outputs = Mapping[str, np.ndarray]
 ModelFn = Callable[[np.ndarray], Outputs]
 
 PARITY_SEED = 0
+# Export acceptance: max |Δlogit| and the fraction of pixels whose argmax class must agree.
+DEFAULT_TOL = 1e-4
+MIN_ARGMAX_AGREEMENT = 0.9999
+# Fields shared by every backend's result, lifted to the top of a combined section.
+_COMMON = ("size", "batch", "seed", "tol", "min_argmax_agreement")
 
 
 def random_input(
@@ -24,8 +30,11 @@ def random_input(
     return rng.standard_normal((batch, channels, *size), dtype=np.float32)
 
 
-def compare_output(reference: np.ndarray, candidate: np.ndarray, tol: float) -> dict:
-    """Differences of one output; ``ok`` when shapes agree and max |diff| <= tol (NaN fails)."""
+def compare_output(
+    reference: np.ndarray, candidate: np.ndarray, tol: float, min_agreement: float | None = None
+) -> dict:
+    """Differences of one output; ``ok`` when shapes agree, max |diff| <= tol (NaN fails) and,
+    with ``min_agreement``, the argmax agreement is at least that fraction."""
     if reference.shape != candidate.shape:
         return {
             "ok": False, "tol": tol, "error": "shape mismatch",
@@ -33,12 +42,14 @@ def compare_output(reference: np.ndarray, candidate: np.ndarray, tol: float) -> 
         }
     diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
     max_abs = float(diff.max()) if diff.size else 0.0
+    agreement = argmax_agreement(reference, candidate)
+    agrees = min_agreement is None or agreement is None or agreement >= min_agreement
     return {
         "max_abs_diff": max_abs,
         "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
-        "argmax_agreement": argmax_agreement(reference, candidate),
+        "argmax_agreement": agreement,
         "tol": tol,
-        "ok": bool(max_abs <= tol),  # False for NaN, which compares unequal to everything
+        "ok": bool(max_abs <= tol and agrees),  # False for NaN, which compares unequal to everything
     }
 
 
@@ -57,20 +68,23 @@ def check_parity(
     size: tuple[int, int],
     batch: int,
     channels: int = 3,
-    tol: float | Mapping[str, float] = 1e-4,
+    tol: float | Mapping[str, float] = DEFAULT_TOL,
+    min_agreement: float | None = None,
     seed: int = PARITY_SEED,
     backend: str = "",
 ) -> dict:
     """Run both callables on one seeded input and compare every reference output.
 
-    ``tol`` is one tolerance for all outputs or one per output name (outputs differ in scale).
-    Returns the card's ``parity`` section: backend, size, batch, seed, tol, ok, the worst case over
+    ``tol`` is one tolerance for all outputs or one per output name (outputs differ in scale);
+    ``min_agreement`` (a fraction) also bounds the argmax agreement of class-score outputs.
+    Returns one backend's parity result: backend, size, batch, seed, tol, ok, the worst case over
     outputs (max_abs_diff, mean_abs_diff, argmax_agreement) and the per-output results.
     """
     x = random_input(batch, channels, size, seed)
     result = {
         "backend": backend, "size": list(size), "batch": batch, "seed": seed,
         "tol": dict(tol) if isinstance(tol, Mapping) else tol,
+        "min_argmax_agreement": min_agreement,
     }
     ref_out = reference(x)
     try:
@@ -79,16 +93,19 @@ def check_parity(
         text = str(exc).strip()
         reason = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
         return {**result, "ok": False, "error": f"the candidate failed to run: {reason}", "outputs": {}}
-    outputs = {name: _compare_named(name, ref, cand_out, tol) for name, ref in ref_out.items()}
+    outputs = {name: _compare_named(name, ref, cand_out, tol, min_agreement)
+               for name, ref in ref_out.items()}
     ok = all(o["ok"] for o in outputs.values())
     return {**result, "ok": ok, **_worst_case(outputs), "outputs": outputs}
 
 
 def _worst_case(outputs: dict) -> dict:
-    """Summary over outputs (largest diffs, lowest agreement); empty if any output was not compared."""
+    """Summary over outputs or backends (largest diffs, lowest agreement); empty if any of them
+    was not compared."""
     if not outputs or any("max_abs_diff" not in o for o in outputs.values()):
         return {}
-    agreements = [o["argmax_agreement"] for o in outputs.values() if o["argmax_agreement"] is not None]
+    agreements = [o["argmax_agreement"] for o in outputs.values()
+                  if o.get("argmax_agreement") is not None]
     summary = {
         "max_abs_diff": max(o["max_abs_diff"] for o in outputs.values()),
         "mean_abs_diff": max(o["mean_abs_diff"] for o in outputs.values()),
@@ -99,16 +116,47 @@ def _worst_case(outputs: dict) -> dict:
 
 
 def _compare_named(
-    name: str, ref: np.ndarray, cand_out: Outputs, tol: float | Mapping[str, float]
+    name: str, ref: np.ndarray, cand_out: Outputs, tol: float | Mapping[str, float],
+    min_agreement: float | None,
 ) -> dict:
     out_tol = tol[name] if isinstance(tol, Mapping) else tol
     if name not in cand_out:
         return {"ok": False, "tol": out_tol, "error": "missing from the candidate"}
-    return compare_output(np.asarray(ref), np.asarray(cand_out[name]), out_tol)
+    return compare_output(np.asarray(ref), np.asarray(cand_out[name]), out_tol, min_agreement)
+
+
+def skipped_parity(backend: str, reason: str) -> dict:
+    """The entry of a backend that could not be compared here (e.g. not installed): not a failure."""
+    return {"backend": backend, "skipped": True, "reason": reason}
+
+
+def combine_parity(results: Mapping[str, dict], reference: str = "torch") -> dict:
+    """The card's ``parity`` section from per-backend results (:func:`check_parity` or skipped).
+
+    ``ok`` holds when every backend that ran is ok and at least one ran; the top-level
+    max_abs_diff / mean_abs_diff / argmax_agreement are the worst case over the backends that ran,
+    and ``backends`` keeps each one's numbers (or why it was skipped).
+    """
+    ran = {b: r for b, r in results.items() if not r.get("skipped")}
+    common = next((r for r in ran.values() if "size" in r), {})
+    section: dict = {"reference": reference, **{k: common[k] for k in _COMMON if k in common}}
+    section["ok"] = bool(ran) and all(r["ok"] for r in ran.values())
+    if not ran:
+        section["error"] = "no backend could be compared: " + "; ".join(
+            f"{b}: {r['reason']}" for b, r in results.items())
+    section.update(_worst_case(ran))
+    section["backends"] = {b: {k: v for k, v in r.items() if k not in _COMMON and k != "backend"}
+                           for b, r in results.items()}
+    return section
 
 
 def describe_failure(parity: dict) -> str:
-    """A one-line summary of the outputs that failed, for warnings."""
+    """A one-line summary of what failed (per backend for a combined section), for warnings."""
+    if "backends" in parity:
+        failed = {b: r for b, r in parity["backends"].items() if r.get("ok") is False}
+        if not failed:
+            return parity.get("error", "")
+        return "; ".join(f"{b}: {describe_failure(r)}" for b, r in failed.items())
     if "error" in parity:
         return parity["error"]
     parts = []

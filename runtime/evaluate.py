@@ -22,8 +22,10 @@ def evaluate_runner(runner, dataset, preprocess: Preprocess, classes: list[str],
     """mIoU, pixel accuracy, per-class IoU and boundary metrics of ``runner`` on ``dataset``.
 
     Scores are fractions, except ``lhd`` (pixels); the boundary metrics (boundary F, boundary IoU,
-    LHD, against the ground truth) are those of :class:`runtime.boundary.BoundaryMeter`.
+    LHD, against the ground truth) are those of :class:`runtime.boundary.BoundaryMeter`. A model
+    calibrated on any image of ``dataset`` is refused (architecture.md rule 5).
     """
+    _refuse_calibration_images(runner, dataset)
     cm = ConfusionMatrix(len(classes), preprocess.ignore_index)
     edges = BoundaryMeter(len(classes), preprocess.ignore_index)
     start = time.perf_counter()
@@ -45,3 +47,12 @@ def evaluate_runner(runner, dataset, preprocess: Preprocess, classes: list[str],
     summary.update(boundary_f=b["boundary_f"], boundary_iou=b["boundary_iou"], lhd=b["lhd"],
                    images=n, seconds=round(time.perf_counter() - start, 3))
     return summary
+
+
+def _refuse_calibration_images(runner, dataset) -> None:
+    """Raise a BckdError if the runner's card (or its source chain) was calibrated on ``dataset``."""
+    card = getattr(runner, "card", None)
+    if card:
+        from calib.card import check_disjoint  # torch-free; only INT8 cards carry calibration
+
+        check_disjoint(card, dataset, artifact=getattr(runner, "artifact", None))

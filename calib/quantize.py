@@ -1,0 +1,310 @@
+"""INT8 explicit Q/DQ ONNX from real calibration images, with ONNX Runtime's static quantizer.
+
+The output is the one INT8 artifact every backend consumes: QuantizeLinear/DequantizeLinear pairs
+with signed int8, zero point 0 (symmetric) activations, per-channel symmetric int8 weights and float
+biases — TensorRT's explicit quantization rejects int32 bias dequantization, OpenVINO reads the
+pairs as FakeQuantize, and ONNX Runtime fuses them into integer kernels on the CPU.
+
+Calibration runs once per :func:`calibrate` (one batch per collection step, so the histogram
+calibrators never hold more than one batch of activations) and its tensor ranges are reused for
+every quantization made from it — :mod:`calib.sensitivity` quantizes the same graph many times with
+different nodes kept in float. onnxruntime and onnx are imported lazily (architecture.md rule 6).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from calib.reader import CalibrationReader
+from runtime.card import new_card, read_card, tool_versions, write_card
+from runtime.data.preprocess import Preprocess
+from runtime.errors import BckdError
+from runtime.files import atomic_path, refuse_existing, sha256_file
+from runtime.lazy import require
+from runtime.registry import unknown_name_message
+
+# bckd method name -> onnxruntime.quantization.CalibrationMethod member
+METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+# Histogram sizes: 2048 bins folded to 128 is TensorRT's entropy calibrator; ORT's entropy default
+# (128 bins) leaves the KL search a single candidate, i.e. plain min/max.
+DEFAULT_NUM_BINS = {"entropy": 2048, "percentile": 2048}
+DEFAULT_PERCENTILE = 99.999
+# Operators that carry weights: the layers the accuracy-aware fallback can keep in float.
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+QDQ_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+_CARD_HEADER = ("card_version", "kind", "created", "host")
+# Fields of the FP32 card that describe the FP32 file and its making, not the INT8 one.
+_NOT_INHERITED = ("parity", "simplified", "simplifier", "simplify_error", "sha256", "tools",
+                  "source", "precision", "calibration", "quantization", "sensitivity")
+
+
+def _quant() -> Any:
+    q = require("onnxruntime.quantization", "INT8 calibration")
+    if "calibration_cache_path" not in inspect.signature(q.quantize_static).parameters:
+        ort = require("onnxruntime", "INT8 calibration")
+        raise BckdError(
+            f"onnxruntime {ort.__version__} cannot reuse calibration ranges "
+            "(quantize_static has no calibration_cache_path); upgrade with: pip install -U onnxruntime"
+        )
+    return q
+
+
+def check_method(method: str) -> str:
+    """``method`` if it is a known calibration method, else a BckdError naming the valid ones."""
+    if method not in METHODS:
+        raise BckdError(unknown_name_message("calibration method", method, list(METHODS)))
+    return method
+
+
+def calibrator_options(method: str, num_bins: int | None, percentile: float) -> dict[str, Any]:
+    """``create_calibrator`` extra options for ``method`` (symmetric ranges, histogram size)."""
+    opts: dict[str, Any] = {"symmetric": True}
+    if method in DEFAULT_NUM_BINS:
+        opts["num_bins"] = int(num_bins or DEFAULT_NUM_BINS[method])
+    if method == "percentile":
+        if not 0 < percentile <= 100:
+            raise BckdError(f"percentile must be in (0, 100], got {percentile}")
+        opts["percentile"] = float(percentile)
+    return opts
+
+
+class _OneBatch:
+    """An ORT reader over one feed: each ``collect_data`` call then holds one batch of activations."""
+
+    def __init__(self, feed: dict[str, Any]) -> None:
+        self._feed: dict[str, Any] | None = feed
+
+    def get_next(self) -> dict[str, Any] | None:
+        feed, self._feed = self._feed, None
+        return feed
+
+
+class Calibration:
+    """An FP32 graph prepared for quantization and its activation ranges, computed once.
+
+    Valid inside the :func:`calibrate` block that made it (its files live in a temporary folder).
+    ``info`` is what the card records about the calibration run.
+    """
+
+    def __init__(self, model: Path, cache: Path, method: str, info: dict[str, Any]) -> None:
+        self.model, self.cache, self.method, self.info = model, cache, method, info
+        onnx = require("onnx", "INT8 calibration")
+        # node name -> op type, in graph order (unnamed nodes cannot be named for exclusion)
+        self.op_types = {n.name: n.op_type for n in onnx.load(str(model)).graph.node if n.name}
+
+    def nodes(self, op_types: Sequence[str] | None = WEIGHTED_OPS) -> list[str]:
+        """Names of the graph's nodes (of ``op_types``; all with None), in graph order."""
+        return [name for name, op in self.op_types.items() if op_types is None or op in op_types]
+
+    def quantize(self, out: str | os.PathLike, nodes_to_exclude: Sequence[str] = ()) -> None:
+        """Write the Q/DQ model to ``out`` with ``nodes_to_exclude`` left in float (no recalibration)."""
+        self._check_nodes(nodes_to_exclude)
+        q = _quant()
+        with contextlib.redirect_stdout(io.StringIO()):  # ORT prints progress to stdout
+            q.quantize_static(
+                str(self.model), str(out), None, quant_format=q.QuantFormat.QDQ, per_channel=True,
+                activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+                nodes_to_exclude=list(nodes_to_exclude),
+                calibrate_method=getattr(q.CalibrationMethod, METHODS[self.method]),
+                extra_options=dict(QDQ_OPTIONS), calibration_cache_path=str(self.cache),
+            )
+        _drop_unused_opsets(Path(out))
+
+    def _check_nodes(self, names: Sequence[str]) -> None:
+        for name in names:
+            if name not in self.op_types:
+                raise BckdError(unknown_name_message("node to keep in float", name,
+                                                     self.nodes()) + " (names of the prepared graph)")
+
+
+@contextlib.contextmanager
+def calibrate(onnx_path: str | os.PathLike, reader: CalibrationReader, *, method: str = "minmax",
+              num_bins: int | None = None, percentile: float = DEFAULT_PERCENTILE,
+              optimize: bool = True) -> Iterator[Calibration]:
+    """Prepare ``onnx_path`` and compute its activation ranges over ``reader``'s images.
+
+    With ``optimize`` the graph first goes through ``quant_pre_process`` (shape inference and ONNX
+    Runtime's basic graph optimizations); if that fails the original graph is used and the
+    reason is recorded. Temporary files (prepared and augmented models, the range cache) are
+    removed when the block exits.
+    """
+    check_method(method)
+    opts = calibrator_options(method, num_bins, percentile)
+    with tempfile.TemporaryDirectory(prefix="bckd-calib.") as tmp:
+        model, prepared = prepare_graph(Path(onnx_path), Path(tmp), optimize)
+        batch = _calibration_batch(model, reader)
+        start = time.perf_counter()
+        ranges = _collect_ranges(model, reader, method, opts, batch, Path(tmp))
+        cache = Path(tmp) / "ranges.json"
+        require("onnxruntime.quantization.calibrate").save_tensors_data(ranges, cache)
+        info = {"method": method, "options": opts, "batch_size": batch, **prepared,
+                "seconds": round(time.perf_counter() - start, 3)}
+        yield Calibration(model, cache, method, info)
+
+
+def prepare_graph(onnx_path: Path, folder: Path, optimize: bool) -> tuple[Path, dict[str, Any]]:
+    """The graph to calibrate: ``quant_pre_process``'d into ``folder``, or ``onnx_path`` as is."""
+    if not onnx_path.is_file():
+        raise BckdError(f"ONNX file {onnx_path} not found; check the path")
+    if not optimize:
+        return onnx_path, {"graph_optimized": False, "optimize_error": None}
+    out = folder / "prepared.onnx"
+    try:
+        _quant().quant_pre_process(str(onnx_path), str(out))
+    except Exception as exc:  # an optional optimisation: the unoptimised graph still quantizes
+        return onnx_path, {"graph_optimized": False, "optimize_error": _first_line(exc)}
+    return out, {"graph_optimized": True, "optimize_error": None}
+
+
+def _model_input(model: Path) -> Any:
+    onnx = require("onnx", "INT8 calibration")
+    graph = onnx.load(str(model), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise BckdError(f"{model.name} has {len(inputs)} inputs; bckd calibrates single-input "
+                        "image models")
+    return inputs[0]
+
+
+def _calibration_batch(model: Path, reader: CalibrationReader) -> int:
+    """The reader's batch size, or the model's own if its batch dimension is fixed."""
+    dims = [d.dim_value if d.HasField("dim_value") else None
+            for d in _model_input(model).type.tensor_type.shape.dim]
+    if len(dims) == 4 and None not in dims[2:] and tuple(dims[2:]) != reader.preprocess.size:
+        h, w = reader.preprocess.size
+        raise BckdError(f"the model input is {dims[2]}x{dims[3]} but calibration images are "
+                        f"preprocessed to {h}x{w}; calibrate the model its card describes")
+    fixed = dims[0] if dims and dims[0] else None
+    if fixed and len(reader.ids) % fixed:
+        raise BckdError(f"the model has a fixed batch size of {fixed} but {len(reader.ids)} "
+                        f"calibration images do not fill whole batches; use a multiple of {fixed}")
+    return fixed or reader.batch_size
+
+
+def _collect_ranges(model: Path, reader: CalibrationReader, method: str, opts: dict[str, Any],
+                    batch: int, folder: Path) -> Any:
+    """Run ORT's calibrator over the reader one batch at a time; returns its TensorsData."""
+    q = _quant()
+    name = _model_input(model).name
+    registry = require("onnxruntime.quantization.registry", "INT8 calibration")
+    ops = sorted(set(registry.QLinearOpsRegistry) | set(registry.QDQRegistry))
+    calibrator = q.create_calibrator(
+        model, ops, augmented_model_path=str(folder / "augmented.onnx"),
+        calibrate_method=getattr(q.CalibrationMethod, METHODS[method]), extra_options=opts,
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # ORT prints progress to stdout
+        for x in reader.batches(batch):
+            calibrator.collect_data(_OneBatch({name: x}))
+        return calibrator.compute_data()
+
+
+def _drop_unused_opsets(path: Path) -> None:
+    """Remove opset imports no node uses (ORT's optimizer adds its own domains to every model)."""
+    onnx = require("onnx", "INT8 calibration")
+    model = onnx.load(str(path))
+    used = {n.domain for n in model.graph.node} | {""}
+    keep = [o for o in model.opset_import if o.domain in used]
+    if len(keep) != len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+        onnx.save_model(model, str(path))
+
+
+def check_qdq_model(path: str | os.PathLike) -> None:
+    """Run the full ONNX checker on a written Q/DQ model; a failure is a bug worth reporting."""
+    onnx = require("onnx", "INT8 calibration")
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise BckdError(f"the quantized model fails the ONNX checker ({_first_line(exc)}); "
+                        "report this with the FP32 model attached") from exc
+
+
+def source_card(onnx_path: str | os.PathLike, reader: CalibrationReader) -> dict[str, Any]:
+    """The FP32 model's card, checked against the reader's preprocessing (one path, rule 2)."""
+    card = read_card(onnx_path)
+    if "preprocess" not in card:
+        raise BckdError(f"the card of {onnx_path} has no 'preprocess' section; re-export it with bckd")
+    expected = Preprocess.from_dict(card["preprocess"])
+    if expected != reader.preprocess:
+        raise BckdError(
+            f"the calibration reader preprocesses with {reader.preprocess.to_dict()} but {onnx_path} "
+            f"expects {expected.to_dict()}; build the reader with CalibrationReader.for_model"
+        )
+    return card
+
+
+def int8_card(kind: str, base: dict[str, Any], source: str | os.PathLike, reader: CalibrationReader,
+              quantization: dict[str, Any], calibration: dict[str, Any]) -> dict[str, Any]:
+    """The card of an INT8 artifact made from ``source``: its FP32 card plus what calibration did."""
+    fields = {k: v for k, v in base.items() if k not in _CARD_HEADER + _NOT_INHERITED}
+    card = new_card(kind, **fields)
+    card["precision"] = "int8"
+    card["quantization"] = quantization
+    card["calibration"] = {**reader.describe(), **calibration}
+    card["source"] = {"path": str(Path(source).resolve()), "sha256": sha256_file(source)}
+    return card
+
+
+def quantize_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, reader: CalibrationReader,
+                  *, method: str = "minmax", nodes_to_exclude: Sequence[str] = (),
+                  num_bins: int | None = None, percentile: float = DEFAULT_PERCENTILE,
+                  optimize: bool = True, force: bool = False) -> dict[str, Any]:
+    """Quantize an FP32 ONNX (with its card) to a Q/DQ INT8 ONNX at ``out``; returns the new card.
+
+    ``nodes_to_exclude`` names nodes of the prepared graph to keep in float (see
+    :mod:`calib.sensitivity`). ``out`` is written atomically and never replaces an existing file
+    unless ``force``.
+    """
+    out = Path(out)
+    refuse_existing(out, "INT8 ONNX file", force)
+    base = source_card(onnx_path, reader)
+    with calibrate(onnx_path, reader, method=method, num_bins=num_bins, percentile=percentile,
+                   optimize=optimize) as cal:
+        return write_qdq(cal, out, base, onnx_path, reader, nodes_to_exclude)
+
+
+def write_qdq(cal: Calibration, out: Path, base: dict[str, Any], onnx_path: str | os.PathLike,
+              reader: CalibrationReader, nodes_to_exclude: Sequence[str],
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Quantize with ``cal`` into ``out`` atomically, check it, and write its card (plus ``extra``)."""
+    with atomic_path(out) as tmp:
+        cal.quantize(tmp, nodes_to_exclude)
+        check_qdq_model(tmp)
+        card = int8_card("onnx", base, onnx_path, reader,
+                         qdq_description(nodes_to_exclude, cal.info), cal.info)
+        card["onnx"] = {**base.get("onnx", {}), "opset": _opset(tmp)}
+        card.update(extra or {})
+        card["tools"] = tool_versions("onnx", "onnxruntime", "numpy")
+        card["sha256"] = sha256_file(tmp)
+    write_card(out, card)
+    return card
+
+
+def qdq_description(excluded: Sequence[str], info: dict[str, Any]) -> dict[str, Any]:
+    """The card's ``quantization`` section for a Q/DQ ONNX."""
+    return {
+        "format": "qdq", "tool": "onnxruntime.quantization.quantize_static",
+        "activations": {"dtype": "int8", "symmetric": True, "granularity": "per-tensor"},
+        "weights": {"dtype": "int8", "symmetric": True, "granularity": "per-channel"},
+        "bias": "float", "excluded_nodes": list(excluded),
+        "graph_optimized": info.get("graph_optimized"),
+    }
+
+
+def _opset(path: Path) -> int:
+    onnx = require("onnx", "INT8 calibration")
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -87,21 +87,102 @@ def cmd_mfs(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    fmt = args.format or ("onnx" if not str(args.model).endswith(".onnx") else "")
+    if not fmt:
+        raise BckdError(f"{args.model} is already ONNX; pass --format openvino or --format "
+                        "tensorrt to convert it")
+    if fmt != "onnx" and not str(args.model).endswith(".onnx"):
+        raise BckdError(f"--format {fmt} converts an ONNX file, got {args.model}; export it "
+                        f"first with 'bckd export {args.model} --out model.onnx'")
+    EXPORTERS[fmt](args)
+
+
+def _export_onnx(args: argparse.Namespace) -> None:
     from export.api import export_checkpoint
 
-    card = export_checkpoint(args.checkpoint, args.out, opset=args.opset,
+    card = export_checkpoint(args.model, args.out, opset=args.opset,
                              dynamic=not args.static, simplify=not args.no_simplify,
                              force=args.force)
     p = card.get("parity", {})
-    print(f"wrote {args.out} (simplified: {card.get('simplified')}, parity max |Δ| "
-          f"{p.get('max_abs_diff', float('nan')):.2e}, argmax agreement "
-          f"{100 * p.get('argmax_agreement', float('nan')):.4f}%)")
+    print(f"wrote {args.out} (simplified: {card.get('simplifier') or 'no'}, parity vs torch "
+          f"max |Δ| {p.get('max_abs_diff', float('nan')):.2e}, argmax agreement "
+          f"{100 * (p.get('argmax_agreement') or float('nan')):.4f}%)")
+
+
+def _export_openvino(args: argparse.Namespace) -> None:
+    from export.openvino_export import convert_to_openvino
+
+    card = convert_to_openvino(args.model, args.out, compress_fp16=args.fp16_weights,
+                               force=args.force)
+    print(f"wrote {args.out} and its .bin ({card.get('precision')}, weights "
+          f"{card.get('weights_precision')})")
+
+
+def _export_tensorrt(args: argparse.Namespace) -> None:
+    from export.trt import build_engine
+
+    calibrator = None
+    if args.calib_data:
+        from calib.reader import CalibrationReader
+
+        calibrator = CalibrationReader.for_model(args.model, args.calib_data, args.calib_split,
+                                                 format=args.calib_format,
+                                                 num_images=args.calib_images)
+    profile = args.shapes.split(",") if args.shapes else None
+    card = build_engine(args.model, args.out, precision=args.precision, profile=profile,
+                        workspace_mib=args.workspace, timing_cache=args.timing_cache,
+                        dla_core=args.dla_core, calibrator=calibrator,
+                        calib_cache=args.calib_cache, calib_algorithm=args.calib_algorithm,
+                        builder=args.builder, trtexec=args.trtexec, force=args.force)
+    print(f"wrote {args.out} (TensorRT {card.get('tensorrt', {}).get('version', '?')}, "
+          f"{card.get('precision')})")
+
+
+EXPORTERS = {"onnx": _export_onnx, "openvino": _export_openvino, "tensorrt": _export_tensorrt}
+
+
+def cmd_calib(args: argparse.Namespace) -> None:
+    from calib.reader import CalibrationReader
+
+    if args.budget is not None and args.backend != "onnxruntime":
+        raise BckdError("--budget (accuracy-aware INT8) writes a Q/DQ ONNX; drop "
+                        "--backend nncf or the budget")
+    reader = CalibrationReader.for_model(args.model, args.data, args.split, format=args.format,
+                                         num_images=args.images, seed=args.seed)
+    if args.budget is not None:
+        from calib.sensitivity import accuracy_aware_quantize
+        from runtime.data import open_dataset
+
+        heldout = open_dataset(args.data, args.heldout_split or args.split, format=args.format)
+        card = accuracy_aware_quantize(args.model, args.out, reader, heldout, budget=args.budget,
+                                       method=args.method, heldout_images=args.heldout_images,
+                                       backend=args.score_on, force=args.force)
+        s = card["sensitivity"]
+        print(f"kept {len(s['float_nodes'])} layers in float: {', '.join(s['float_nodes']) or '-'}"
+              f" ({'within' if s['within_budget'] else 'NOT within'} the {args.budget} budget)")
+    elif args.backend == "nncf":
+        from calib.nncf_ptq import quantize_openvino
+
+        card = quantize_openvino(args.model, args.out, reader, preset=args.preset,
+                                 force=args.force)
+    else:
+        from calib.quantize import quantize_onnx
+
+        card = quantize_onnx(args.model, args.out, reader, method=args.method, force=args.force)
+    cal = card.get("calibration", {})
+    print(f"wrote {args.out} (INT8, {cal.get('method', args.method)} on {len(reader.ids)} images of "
+          f"split '{args.split}', {cal.get('seconds', float('nan')):.1f} s)")
 
 
 def _open(args: argparse.Namespace):
     from runtime.backends import open_runner
 
-    return open_runner(args.backend, args.model, threads=args.threads or None)
+    options = {"threads": args.threads or None}
+    for name in ("device", "precision", "hint"):
+        value = getattr(args, name, None)
+        if value:
+            options[name] = value
+    return open_runner(args.backend, args.model, **options)
 
 
 def _write_json(path: str | None, obj: dict, force: bool) -> None:
@@ -154,6 +235,11 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="artifact to run (ONNX file with its .card.json)")
     p.add_argument("--backend", default="onnxruntime", help="runtime backend (default onnxruntime)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
+    p.add_argument("--device", help="device of backends that have several (openvino: CPU, GPU, "
+                   "NPU)")
+    p.add_argument("--precision", help="inference precision of backends that take one "
+                   "(openvino: f32, bf16, f16; default f32)")
+    p.add_argument("--hint", help="openvino performance hint: latency or throughput")
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
@@ -228,14 +314,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.set_defaults(func=cmd_mfs)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX (simplified, parity-checked)")
-    p.add_argument("checkpoint", help="student checkpoint (.pt) with its card")
-    p.add_argument("--out", required=True, help="ONNX file to write")
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--static", action="store_true", help="fixed input shape (no dynamic axes)")
-    p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+    p = sub.add_parser("export", help="checkpoint -> ONNX, or ONNX -> OpenVINO IR / TensorRT "
+                       "engine (torch needed only for the first)")
+    p.add_argument("model", help="student checkpoint (.pt), or an ONNX file to convert")
+    p.add_argument("--out", required=True, help="file to write (.onnx, .xml, .engine)")
+    p.add_argument("--format", choices=sorted(EXPORTERS),
+                   help="onnx (from a checkpoint; the default), openvino or tensorrt (from ONNX)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    g = p.add_argument_group("onnx")
+    g.add_argument("--opset", type=int, default=17)
+    g.add_argument("--static", action="store_true", help="fixed input shape (no dynamic axes)")
+    g.add_argument("--no-simplify", action="store_true", help="skip onnxsim / onnxslim")
+    g = p.add_argument_group("openvino")
+    g.add_argument("--fp16-weights", action="store_true",
+                   help="store weights as FP16 (inference precision is chosen at run time)")
+    g = p.add_argument_group("tensorrt")
+    g.add_argument("--precision", default="fp16", help="fp32, fp16, int8 or best (default fp16); "
+                   "int8 from a Q/DQ ONNX (bckd calib) or, TensorRT <= 10, --calib-data")
+    g.add_argument("--shapes", help="optimization profile MIN,OPT,MAX, e.g. "
+                   "1x3x512x512,1x3x512x512,4x3x512x512 (default: batch 1-8 at the card's size)")
+    g.add_argument("--workspace", type=int, help="workspace pool limit, MiB")
+    g.add_argument("--timing-cache", help="timing cache file (read if present, written after)")
+    g.add_argument("--dla-core", type=int, help="build for this DLA core (GPU fallback on)")
+    g.add_argument("--builder", default="python", choices=["python", "trtexec"],
+                   help="TensorRT's Python API (default) or the trtexec tool")
+    g.add_argument("--trtexec", help="path of trtexec (default: PATH, then JetPack's location)")
+    g.add_argument("--calib-data", help="dataset root for the legacy INT8 calibrator")
+    g.add_argument("--calib-split", default="train")
+    g.add_argument("--calib-format", default="folder")
+    g.add_argument("--calib-images", type=int, default=300)
+    g.add_argument("--calib-cache", help="calibration cache file (reused if present)")
+    g.add_argument("--calib-algorithm", default="entropy", choices=["entropy", "minmax"])
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("calib", help="INT8 calibration: Q/DQ ONNX (ONNX Runtime) or OpenVINO IR "
+                       "(NNCF), optionally accuracy-aware")
+    p.add_argument("model", help="FP32 ONNX file with its card (or an IR for --backend nncf)")
+    p.add_argument("--data", required=True, help="dataset root to draw calibration images from")
+    p.add_argument("--split", default="train", help="calibration split (default train; "
+                   "evaluation refuses to score on calibration images)")
+    p.add_argument("--format", default="folder", help="dataset format (default folder)")
+    p.add_argument("--out", required=True, help="INT8 file to write (.onnx, or .xml for nncf)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "nncf"],
+                   help="onnxruntime: Q/DQ ONNX for ORT / OpenVINO / TensorRT (default); "
+                   "nncf: OpenVINO IR")
+    p.add_argument("--method", default="percentile", choices=["minmax", "entropy", "percentile"],
+                   help="range estimation (default percentile: the best INT8 mIoU measured on "
+                   "both ONNX Runtime and OpenVINO, see README)")
+    p.add_argument("--preset", default="performance", choices=["performance", "mixed"],
+                   help="NNCF preset")
+    p.add_argument("--images", type=int, default=300, help="calibration images (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image draw")
+    p.add_argument("--budget", type=float, help="max mIoU drop in points: keep the most "
+                   "sensitive layers in float until it holds")
+    p.add_argument("--heldout-split", help="split to measure sensitivity on (default: the "
+                   "calibration split minus the calibration images)")
+    p.add_argument("--heldout-images", type=int, default=100)
+    p.add_argument("--score-on", default="onnxruntime", choices=["onnxruntime", "openvino"],
+                   help="runtime the accuracy-aware search scores on: the one the model is for "
+                   "(their INT8 kernels round differently)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.set_defaults(func=cmd_calib)
 
     p = sub.add_parser("eval", help="mIoU of an artifact over a dataset split")
     _add_backend_args(p)

@@ -114,6 +114,22 @@ class ProfileConfig:
 
 
 @dataclass
+class DeployConfig:
+    """What ``bckd run`` measures besides ONNX Runtime FP32: OpenVINO and INT8 rows.
+
+    For each student method in ``students`` (default: the last of the run's methods, the
+    distilled one): OpenVINO FP32 (``openvino``), an INT8 Q/DQ ONNX calibrated on
+    ``calib_images`` images of the training split, run by ONNX Runtime and by OpenVINO (``int8``).
+    """
+
+    openvino: bool = True
+    int8: bool = True
+    students: tuple[str, ...] = ()  # empty: the last method of the run
+    calib_method: str = "percentile"
+    calib_images: int = 300
+
+
+@dataclass
 class RunConfig:
     """Everything ``bckd run`` needs: data, teacher, student, methods, export, profile."""
 
@@ -130,6 +146,7 @@ class RunConfig:
     kd_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     export: ExportConfig = field(default_factory=ExportConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
     cache_dir: str = ""  # empty: $BCKD_CACHE or ~/.cache/bckd
 
 
@@ -238,6 +255,7 @@ def quick_config() -> RunConfig:
         train.batch_size = 8
         train.crop_size = (64, 64)
     cfg.profile = ProfileConfig(warmup=2, iters=10, min_seconds=0.2)
+    cfg.deploy = DeployConfig(calib_images=16)
     return cfg
 
 

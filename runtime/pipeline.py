@@ -1,8 +1,8 @@
 """``bckd run``: sequence the stages on the built-in default (or a config) and write the report.
 
-It only calls the stage functions — synth, distill, export, eval, profile — that the stage
-commands call too. The run is built in a staging folder and moved onto ``--out`` when complete,
-so an interrupted run leaves nothing half-written there. The teacher is cached by the hash of
+It only calls the stage functions — synth, distill, export (ONNX, OpenVINO IR), calib (INT8
+Q/DQ), eval, profile — that the stage commands call too. The run is built in a staging folder
+and moved onto ``--out`` when complete, so an interrupted run leaves nothing half-written there. The teacher is cached by the hash of
 everything it depends on (data, config, code), so a second run reuses it.
 """
 from __future__ import annotations
@@ -92,19 +92,21 @@ def _pct(value: float | None) -> float | None:
     return None if value is None else round(100 * value, 2)
 
 
-def measure(onnx_path: Path, data_root: Path, run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
-    """Evaluate and profile one ONNX artifact with ONNX Runtime; returns a report row."""
+def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
+            backend: str = "onnxruntime") -> dict[str, Any]:
+    """Evaluate and profile one artifact on one backend; returns a report row."""
     from runtime.backends import open_runner
     from runtime.card import read_card
     from runtime.data.preprocess import Preprocess
     from runtime.evaluate import evaluate_runner
     from runtime.profile import profile_runner
 
-    card = read_card(onnx_path)
+    card = read_card(artifact)
     pre = Preprocess.from_dict(card["preprocess"])
     val = open_dataset(data_root, cfg.data.val_split, format=cfg.data.format)
     threads = cfg.profile.threads or os.cpu_count() or 1
-    with open_runner("onnxruntime", onnx_path, threads=threads) as runner:
+    options = {"precision": "f32"} if backend == "openvino" else {}  # never the device default
+    with open_runner(backend, artifact, threads=threads, **options) as runner:
         acc = evaluate_runner(runner, val, pre, card["classes"], batch_size=8)
         x = pre.batch([val.load(0)[0]] * cfg.profile.batch)
         lat = profile_runner(runner, x, warmup=cfg.profile.warmup, iters=cfg.profile.iters,
@@ -112,6 +114,7 @@ def measure(onnx_path: Path, data_root: Path, run_dir: Path, cfg: RunConfig) -> 
         backend, precision, device = runner.backend, runner.precision, runner.device
     stats = lat.to_dict()
     a = card["arch"]
+    size = sum(p.stat().st_size for p in (artifact, artifact.with_suffix(".bin")) if p.is_file())
     return {
         "model": card.get("role", "student"), "method": card.get("method", "none"),
         "arch": f"{a['backbone']}-{a['head']}-w{a['width']:g}", "backend": backend,
@@ -125,10 +128,47 @@ def measure(onnx_path: Path, data_root: Path, run_dir: Path, cfg: RunConfig) -> 
         "latency_ms": {k: round(stats[k], 3) for k in ("p50", "p90", "p99", "mean", "std",
                                                        "min", "max")},
         "fps": round(stats["fps"], 1), "batch": cfg.profile.batch, "iterations": stats["n"],
-        "size_mb": round(onnx_path.stat().st_size / 2**20, 3), "params": card.get("params"),
-        "artifact": str(onnx_path.relative_to(run_dir)),
+        "size_mb": round(size / 2**20, 3), "params": card.get("params"),
+        "artifact": str(artifact.relative_to(run_dir)),
         "parity": card.get("parity"),
     }
+
+
+def deploy_rows(onnx_path: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
+                log: Log) -> list[dict[str, Any]]:
+    """OpenVINO FP32, and INT8 (calibrated on the train split) on ONNX Runtime and OpenVINO."""
+    import importlib.util
+
+    from calib.quantize import quantize_onnx
+    from calib.reader import CalibrationReader
+    from runtime.card import read_card
+
+    rows = []
+    has_openvino = importlib.util.find_spec("openvino") is not None
+    if cfg.deploy.openvino and not has_openvino:
+        log("[deploy] openvino is not installed: no OpenVINO rows (pip install -e '.[openvino]')")
+    if cfg.deploy.openvino and has_openvino:
+        from export.openvino_export import convert_to_openvino
+
+        xml = run_dir / "openvino" / (onnx_path.stem + ".xml")
+        log(f"[export] {onnx_path.name} -> {xml.relative_to(run_dir)}")
+        convert_to_openvino(onnx_path, xml)
+        row = measure(xml, data_root, run_dir, cfg, "openvino")
+        # The IR is the ONNX converted as is: its parity is the OpenVINO check run at export.
+        parity = (read_card(onnx_path).get("parity") or {}).get("backends", {}).get("openvino")
+        rows.append(dict(row, parity=parity))
+    if cfg.deploy.int8:
+        int8 = run_dir / "int8" / (onnx_path.stem + ".int8.onnx")
+        log(f"[calib] {onnx_path.name}: INT8 Q/DQ, {cfg.deploy.calib_method} on "
+            f"{cfg.deploy.calib_images} '{cfg.data.train_split}' images")
+        reader = CalibrationReader.for_model(onnx_path, data_root, cfg.data.train_split,
+                                             format=cfg.data.format,
+                                             num_images=cfg.deploy.calib_images)
+        quantize_onnx(onnx_path, int8, reader, method=cfg.deploy.calib_method)
+        rows.append(measure(int8, data_root, run_dir, cfg))
+        if cfg.deploy.openvino and has_openvino:
+            rows.append(measure(int8, data_root, run_dir, cfg, "openvino"))
+    return rows
 
 
 def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
@@ -145,6 +185,11 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
                         "torchrun; distribute the training with 'torchrun ... -m runtime.cli "
                         "distill' and run the other stages once")
     check_kd_options(cfg.methods, cfg.kd_options)
+    deployed = cfg.deploy.students or cfg.methods[-1:]
+    for method in deployed:
+        if method not in cfg.methods:
+            raise BckdError(f"deploy.students names '{method}', which is not one of the run's "
+                            f"methods ({', '.join(cfg.methods)})")
     for method in cfg.methods:
         method_names(method, method_kd(method, cfg.kd_options).options)
     start = time.perf_counter()
@@ -180,6 +225,8 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
                               extra={"role": role}, source_label=label)
             log(f"[measure] {role}/{method}: evaluating and profiling with onnxruntime")
             rows.append(measure(onnx_path, data_root, tmp, cfg))
+            if role == "student" and method in deployed:
+                rows += deploy_rows(onnx_path, data_root, tmp, cfg, log)
         val = open_dataset(data_root, cfg.data.val_split, format=cfg.data.format)
         report = new_report(to_dict(cfg), {
             "name": val.meta.get("name"), "root": root_label,

@@ -11,7 +11,7 @@ from runtime.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = [[], ["run"], ["data"], ["data", "synth"], ["distill"], ["export"], ["eval"],
-               ["profile"]]
+               ["profile"], ["calib"], ["analyze"]]
 
 
 def _run_blocking_torch(code: str) -> subprocess.CompletedProcess:

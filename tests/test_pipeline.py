@@ -1,8 +1,10 @@
 """End to end: `bckd run --quick`, then each stage command on its files."""
+import importlib.util
 import json
 
 import pytest
 
+from runtime.card import read_card
 from runtime.cli import main
 from runtime.report import LATENCY_KEYS, ROW_REQUIRED
 
@@ -20,8 +22,13 @@ def test_report_schema_and_rows(quick_run):
     report = json.loads((out / "report.json").read_text())
     assert report["schema"] == "bckd.report" and report["schema_version"] == 1
     rows = report["results"]
-    assert [(r["model"], r["method"]) for r in rows] == [
-        ("teacher", "none"), ("student", "none"), ("student", "kd"), ("student", "bckd")]
+    ov = importlib.util.find_spec("openvino") is not None
+    expected = [("teacher", "none", "onnxruntime", "fp32"), ("student", "none", "onnxruntime", "fp32"),
+                ("student", "kd", "onnxruntime", "fp32"), ("student", "bckd", "onnxruntime", "fp32")]
+    expected += [("student", "bckd", "openvino", "fp32")] if ov else []
+    expected += [("student", "bckd", "onnxruntime", "int8")]
+    expected += [("student", "bckd", "openvino", "int8")] if ov else []
+    assert [(r["model"], r["method"], r["backend"], r["precision"]) for r in rows] == expected
     for row in rows:
         for key in ROW_REQUIRED:
             assert key in row
@@ -29,9 +36,11 @@ def test_report_schema_and_rows(quick_run):
             assert row["latency_ms"][key] > 0
         assert row["latency_ms"]["p50"] <= row["latency_ms"]["p90"] <= row["latency_ms"]["p99"]
         assert 0 <= row["miou"] <= 100 and row["fps"] > 0
-        assert row["backend"] == "onnxruntime" and row["precision"] == "fp32"
-        assert row["parity"]["ok"], row["parity"]
+        if row["precision"] == "fp32":
+            assert row["parity"]["ok"], row["parity"]
         assert (out / row["artifact"]).is_file()
+    int8 = read_card(out / rows[len(expected) - 1]["artifact"])
+    assert int8["calibration"]["split"] == "train" and int8["precision"] == "int8"
     teacher, student = rows[0], rows[1]
     assert teacher["params"] > student["params"]
     md = (out / "report.md").read_text()

@@ -8,5 +8,7 @@ from __future__ import annotations
 
 from runtime.backends.base import BACKENDS, InputSpec, Runner, open_runner
 from runtime.backends import onnxrt  # noqa: F401  (registers "onnxruntime")
+from runtime.backends import tensorrt  # noqa: F401  (registers "tensorrt")
+from runtime.backends import openvino  # noqa: F401  (registers "openvino")
 
 __all__ = ["BACKENDS", "InputSpec", "Runner", "open_runner"]

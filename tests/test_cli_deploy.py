@@ -1,0 +1,123 @@
+"""The deployment commands end to end: bckd export --format, bckd calib, eval on other backends.
+
+Runs on the tiny three-conv ONNX model of test_calib (no torch) and a 32x32 synthetic dataset.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime.quantization")
+
+from runtime.card import read_card  # noqa: E402
+from runtime.cli import main  # noqa: E402
+from runtime.data.synth import synthesize  # noqa: E402
+from test_calib import SIZE, tiny_onnx  # noqa: E402
+
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+HAS_NNCF = importlib.util.find_spec("nncf") is not None
+needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed "
+                                    "(pip install -e '.[openvino]')")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("deploy")
+    synthesize(folder / "data", n_train=24, n_val=12, size=SIZE, seed=0, workers=1)
+    tiny_onnx(folder / "fp32.onnx")
+    return folder
+
+
+def run_ok(argv: list[str], capsys) -> str:
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    return captured.out
+
+
+def user_error(argv: list[str], capsys, needle: str) -> str:
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert needle in err, err
+    return err
+
+
+def test_calib_then_eval_refuses_calibration_images(work, capsys):
+    out = work / "int8.onnx"
+    text = run_ok(["calib", work / "fp32.onnx", "--data", work / "data", "--images", 10,
+                   "--out", out], capsys)
+    assert "percentile on 10 images of split 'train'" in text
+    card = read_card(out)
+    assert card["precision"] == "int8" and card["calibration"]["split"] == "train"
+    user_error(["eval", out, "--data", work / "data", "--split", "train"], capsys,
+               "calibrated on")
+    result = json.loads(run_ok(["eval", out, "--data", work / "data", "--split", "val"], capsys))
+    assert 0.0 <= result["miou"] <= 1.0
+    before = out.read_bytes()
+    user_error(["calib", work / "fp32.onnx", "--data", work / "data", "--images", 10,
+                "--out", out], capsys, "exists")
+    assert out.read_bytes() == before
+
+
+def test_calib_accuracy_aware_from_the_cli(work, capsys):
+    out = work / "aware.onnx"
+    text = run_ok(["calib", work / "fp32.onnx", "--data", work / "data", "--images", 10,
+                   "--method", "minmax", "--budget", 0, "--heldout-images", 6, "--out", out],
+                  capsys)
+    assert "budget" in text
+    s = read_card(out)["sensitivity"]
+    assert s["backend"] == "onnxruntime" and s["heldout"]["num_images"] == 6
+
+
+def test_calib_budget_with_nncf_is_refused(work, capsys):
+    user_error(["calib", work / "fp32.onnx", "--data", work / "data", "--backend", "nncf",
+                "--budget", 1, "--out", work / "x.xml"], capsys, "Q/DQ ONNX")
+
+
+@pytest.mark.skipif(not (HAS_OPENVINO and HAS_NNCF), reason="openvino and nncf are not installed")
+def test_calib_nncf_writes_an_ir_that_runs(work, capsys):
+    out = work / "nncf.xml"
+    run_ok(["calib", work / "fp32.onnx", "--data", work / "data", "--images", 8,
+            "--backend", "nncf", "--out", out], capsys)
+    assert out.with_suffix(".bin").is_file() and read_card(out)["precision"] == "int8"
+    result = json.loads(run_ok(["eval", out, "--backend", "openvino", "--data", work / "data",
+                                "--split", "val"], capsys))
+    assert 0.0 <= result["miou"] <= 1.0
+
+
+@needs_openvino
+def test_export_openvino_then_eval_and_profile(work, capsys):
+    xml = work / "fp32.xml"
+    run_ok(["export", work / "fp32.onnx", "--format", "openvino", "--out", xml], capsys)
+    assert xml.is_file() and xml.with_suffix(".bin").is_file()
+    ort_result = json.loads(run_ok(["eval", work / "fp32.onnx", "--data", work / "data"], capsys))
+    ov_result = json.loads(run_ok(["eval", xml, "--backend", "openvino", "--precision", "f32",
+                                   "--data", work / "data"], capsys))
+    assert ov_result["miou"] == pytest.approx(ort_result["miou"], abs=1e-6)
+    prof = json.loads(run_ok(["profile", xml, "--backend", "openvino", "--precision", "bf16",
+                              "--threads", 1, "--iters", 5, "--min-seconds", 0], capsys))
+    assert prof["backend"] == "openvino" and prof["precision"] == "bf16"
+    user_error(["export", work / "fp32.onnx", "--format", "openvino", "--out", xml], capsys,
+               "exists")
+
+
+def test_export_errors_are_one_line(work, capsys):
+    user_error(["export", work / "fp32.onnx", "--out", work / "again.onnx"], capsys,
+               "already ONNX")
+    user_error(["export", work / "student.pt", "--format", "openvino", "--out", work / "a.xml"],
+               capsys, "converts an ONNX file")
+    user_error(["profile", work / "fp32.onnx", "--backend", "onnxruntime", "--precision", "f32"],
+               capsys, "precision")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                    reason="tensorrt is installed: the missing-package error cannot happen")
+def test_export_tensorrt_without_tensorrt_is_one_line(work, capsys):
+    user_error(["export", work / "fp32.onnx", "--format", "tensorrt", "--out",
+                work / "m.engine"], capsys, "tensorrt")
+    assert not (work / "m.engine").exists()

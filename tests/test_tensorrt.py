@@ -394,6 +394,23 @@ def test_a_smaller_last_calibration_batch_is_left_out(tmp_path: Path, trt_env: T
     assert card["calibration"]["batches"] == 2 and card["calibration"]["dropped_tail_images"] == 1
 
 
+class DescribedBatches(list):
+    """Batches that describe their images, as calib.reader.CalibrationReader does."""
+
+    def describe(self) -> dict:
+        return {"split": "train", "ids": ["a", "b"], "num_images": 2}
+
+
+def test_the_engine_card_records_which_images_calibrated_it(tmp_path: Path,
+                                                            trt_env: TrtEnv) -> None:
+    trt_env("10.3.0")
+    two = np.zeros((2, 3, *SIZE), np.float32)
+    card = build_engine(tiny_onnx(tmp_path / "m.onnx"), tmp_path / "m.engine", precision="int8",
+                        calibrator=DescribedBatches([two]))
+    assert card["calibration"]["split"] == "train" and card["calibration"]["ids"] == ["a", "b"]
+    assert card["calibration"]["batches"] == 1
+
+
 def test_bad_calibration_batch_fails_the_build(tmp_path: Path, trt_env: TrtEnv) -> None:
     trt_env("10.3.0")
     onnx_path = tiny_onnx(tmp_path / "m.onnx")

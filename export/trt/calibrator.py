@@ -29,6 +29,10 @@ class BatchFeed:
 
     def __init__(self, batches: Iterable[np.ndarray], api: CudaApi) -> None:
         self.api = api
+        # A calib.reader.CalibrationReader describes its images (split, ids, hashes); the engine
+        # card keeps that, so evaluation can refuse to score on the calibration images.
+        describe = getattr(batches, "describe", None)
+        self.description: dict[str, Any] = describe() if callable(describe) else {}
         self._it: Iterator[np.ndarray] = iter(batches)
         self._first = next(self._it, None)
         self.shape: tuple[int, ...] | None = None
@@ -151,7 +155,7 @@ def make_calibrator(trt: Any, feed: BatchFeed, cache: CalibrationCache, algorith
 def calibration_card(calibrator: Any, source: str) -> dict[str, Any]:
     """What the engine card records about the legacy calibration."""
     feed = calibrator.feed
-    return {"source": source, "algorithm": calibrator.algorithm, "batches": feed.count,
+    return {**feed.description, "source": source, "algorithm": calibrator.algorithm, "batches": feed.count,
             "batch_shape": list(feed.shape) if feed.shape else None,
             "dropped_tail_images": feed.dropped,
             "cache": calibrator.cache.to_card()}

@@ -38,6 +38,9 @@ DEFAULT_PERCENTILE = 99.999
 # Operators that carry weights: the layers the accuracy-aware fallback can keep in float.
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QDQ_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+# Activation encodings: "int8" (symmetric, zero point 0) is the portable form TensorRT requires;
+# "uint8" (asymmetric) is ONNX Runtime's fast U8S8 path on x86 CPUs (VNNI), and ORT only.
+ACTIVATIONS = {"int8": ("QInt8", True), "uint8": ("QUInt8", False)}
 _CARD_HEADER = ("card_version", "kind", "created", "host")
 # Fields of the FP32 card that describe the FP32 file and its making, not the INT8 one.
 _NOT_INHERITED = ("parity", "simplified", "simplifier", "simplify_error", "sha256", "tools",
@@ -53,6 +56,13 @@ def _quant() -> Any:
             "(quantize_static has no calibration_cache_path); upgrade with: pip install -U onnxruntime"
         )
     return q
+
+
+def check_activations(activations: str) -> str:
+    """``activations`` if it is a known activation encoding, else a BckdError."""
+    if activations not in ACTIVATIONS:
+        raise BckdError(unknown_name_message("activation encoding", activations, list(ACTIVATIONS)))
+    return activations
 
 
 def check_method(method: str) -> str:
@@ -102,17 +112,20 @@ class Calibration:
         """Names of the graph's nodes (of ``op_types``; all with None), in graph order."""
         return [name for name, op in self.op_types.items() if op_types is None or op in op_types]
 
-    def quantize(self, out: str | os.PathLike, nodes_to_exclude: Sequence[str] = ()) -> None:
+    def quantize(self, out: str | os.PathLike, nodes_to_exclude: Sequence[str] = (),
+                 activations: str = "int8") -> None:
         """Write the Q/DQ model to ``out`` with ``nodes_to_exclude`` left in float (no recalibration)."""
         self._check_nodes(nodes_to_exclude)
+        dtype, symmetric = ACTIVATIONS[check_activations(activations)]
         q = _quant()
         with contextlib.redirect_stdout(io.StringIO()):  # ORT prints progress to stdout
             q.quantize_static(
                 str(self.model), str(out), None, quant_format=q.QuantFormat.QDQ, per_channel=True,
-                activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+                activation_type=getattr(q.QuantType, dtype), weight_type=q.QuantType.QInt8,
                 nodes_to_exclude=list(nodes_to_exclude),
                 calibrate_method=getattr(q.CalibrationMethod, METHODS[self.method]),
-                extra_options=dict(QDQ_OPTIONS), calibration_cache_path=str(self.cache),
+                extra_options=dict(QDQ_OPTIONS, ActivationSymmetric=symmetric),
+                calibration_cache_path=str(self.cache),
             )
         _drop_unused_opsets(Path(out))
 
@@ -256,8 +269,12 @@ def int8_card(kind: str, base: dict[str, Any], source: str | os.PathLike, reader
 def quantize_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, reader: CalibrationReader,
                   *, method: str = "minmax", nodes_to_exclude: Sequence[str] = (),
                   num_bins: int | None = None, percentile: float = DEFAULT_PERCENTILE,
-                  optimize: bool = True, force: bool = False) -> dict[str, Any]:
+                  optimize: bool = True, activations: str = "int8",
+                  force: bool = False) -> dict[str, Any]:
     """Quantize an FP32 ONNX (with its card) to a Q/DQ INT8 ONNX at ``out``; returns the new card.
+
+    ``activations`` 'int8' (symmetric; TensorRT, OpenVINO, ORT) or 'uint8' (asymmetric; ONNX
+    Runtime's faster kernels on x86 CPUs; TensorRT rejects it).
 
     ``nodes_to_exclude`` names nodes of the prepared graph to keep in float (see
     :mod:`calib.sensitivity`). ``out`` is written atomically and never replaces an existing file
@@ -265,21 +282,23 @@ def quantize_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, reader: 
     """
     out = Path(out)
     refuse_existing(out, "INT8 ONNX file", force)
+    check_activations(activations)
     base = source_card(onnx_path, reader)
     with calibrate(onnx_path, reader, method=method, num_bins=num_bins, percentile=percentile,
                    optimize=optimize) as cal:
-        return write_qdq(cal, out, base, onnx_path, reader, nodes_to_exclude)
+        return write_qdq(cal, out, base, onnx_path, reader, nodes_to_exclude,
+                         activations=activations)
 
 
 def write_qdq(cal: Calibration, out: Path, base: dict[str, Any], onnx_path: str | os.PathLike,
               reader: CalibrationReader, nodes_to_exclude: Sequence[str],
-              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+              extra: dict[str, Any] | None = None, activations: str = "int8") -> dict[str, Any]:
     """Quantize with ``cal`` into ``out`` atomically, check it, and write its card (plus ``extra``)."""
     with atomic_path(out) as tmp:
-        cal.quantize(tmp, nodes_to_exclude)
+        cal.quantize(tmp, nodes_to_exclude, activations)
         check_qdq_model(tmp)
         card = int8_card("onnx", base, onnx_path, reader,
-                         qdq_description(nodes_to_exclude, cal.info), cal.info)
+                         qdq_description(nodes_to_exclude, cal.info, activations), cal.info)
         card["onnx"] = {**base.get("onnx", {}), "opset": _opset(tmp)}
         card.update(extra or {})
         card["tools"] = tool_versions("onnx", "onnxruntime", "numpy")
@@ -288,11 +307,13 @@ def write_qdq(cal: Calibration, out: Path, base: dict[str, Any], onnx_path: str 
     return card
 
 
-def qdq_description(excluded: Sequence[str], info: dict[str, Any]) -> dict[str, Any]:
+def qdq_description(excluded: Sequence[str], info: dict[str, Any],
+                    activations: str = "int8") -> dict[str, Any]:
     """The card's ``quantization`` section for a Q/DQ ONNX."""
     return {
         "format": "qdq", "tool": "onnxruntime.quantization.quantize_static",
-        "activations": {"dtype": "int8", "symmetric": True, "granularity": "per-tensor"},
+        "activations": {"dtype": activations, "symmetric": ACTIVATIONS[activations][1],
+                        "granularity": "per-tensor"},
         "weights": {"dtype": "int8", "symmetric": True, "granularity": "per-channel"},
         "bias": "float", "excluded_nodes": list(excluded),
         "graph_optimized": info.get("graph_optimized"),

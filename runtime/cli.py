@@ -147,6 +147,9 @@ def cmd_calib(args: argparse.Namespace) -> None:
     if args.budget is not None and args.backend != "onnxruntime":
         raise BckdError("--budget (accuracy-aware INT8) writes a Q/DQ ONNX; drop "
                         "--backend nncf or the budget")
+    if args.activations != "int8" and (args.budget is not None or args.backend != "onnxruntime"):
+        raise BckdError("--activations uint8 applies to a plain Q/DQ ONNX only (no --budget, "
+                        "no --backend nncf); drop one of them")
     reader = CalibrationReader.for_model(args.model, args.data, args.split, format=args.format,
                                          num_images=args.images, seed=args.seed)
     if args.budget is not None:
@@ -168,7 +171,8 @@ def cmd_calib(args: argparse.Namespace) -> None:
     else:
         from calib.quantize import quantize_onnx
 
-        card = quantize_onnx(args.model, args.out, reader, method=args.method, force=args.force)
+        card = quantize_onnx(args.model, args.out, reader, method=args.method,
+                             activations=args.activations, force=args.force)
     cal = card.get("calibration", {})
     print(f"wrote {args.out} (INT8, {cal.get('method', args.method)} on {len(reader.ids)} images of "
           f"split '{args.split}', {cal.get('seconds', float('nan')):.1f} s)")
@@ -361,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="percentile", choices=["minmax", "entropy", "percentile"],
                    help="range estimation (default percentile: the best INT8 mIoU measured on "
                    "both ONNX Runtime and OpenVINO, see README)")
+    p.add_argument("--activations", default="int8", choices=["int8", "uint8"],
+                   help="int8: symmetric, for every runtime incl. TensorRT (default); uint8: "
+                   "asymmetric, ONNX Runtime's faster x86 CPU kernels only")
     p.add_argument("--preset", default="performance", choices=["performance", "mixed"],
                    help="NNCF preset")
     p.add_argument("--images", type=int, default=300, help="calibration images (default 300)")

@@ -74,6 +74,22 @@ def test_calib_accuracy_aware_from_the_cli(work, capsys):
     assert s["backend"] == "onnxruntime" and s["heldout"]["num_images"] == 6
 
 
+def test_calib_uint8_activations_for_onnxruntime(work, capsys):
+    out = work / "u8.onnx"
+    run_ok(["calib", work / "fp32.onnx", "--data", work / "data", "--images", 10,
+            "--activations", "uint8", "--out", out], capsys)
+    q = read_card(out)["quantization"]["activations"]
+    assert q == {"dtype": "uint8", "symmetric": False, "granularity": "per-tensor"}
+    json.loads(run_ok(["eval", out, "--data", work / "data", "--split", "val"], capsys))
+    user_error(["calib", work / "fp32.onnx", "--data", work / "data", "--activations", "uint8",
+                "--budget", 1, "--out", work / "u8b.onnx"], capsys, "plain Q/DQ ONNX only")
+    from export.trt import build_engine
+    from runtime.errors import BckdError
+
+    with pytest.raises(BckdError, match="uint8"):  # refused before TensorRT is even imported
+        build_engine(out, work / "u8.engine", precision="int8")
+
+
 def test_calib_budget_with_nncf_is_refused(work, capsys):
     user_error(["calib", work / "fp32.onnx", "--data", work / "data", "--backend", "nncf",
                 "--budget", 1, "--out", work / "x.xml"], capsys, "Q/DQ ONNX")

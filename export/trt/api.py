@@ -67,6 +67,10 @@ def build_engine(
     out_path = Path(out_path)
     refuse_existing(out_path, "TensorRT engine", force)
     facts = read_onnx_facts(onnx_path)
+    if facts.uint8_qdq:
+        raise BckdError(f"{facts.path.name} quantizes activations to uint8, which TensorRT's "
+                        "explicit quantization rejects; recalibrate with 'bckd calib ... "
+                        "--activations int8' (the default)")
     if builder == "python":
         card = _build_python(facts, options, out_path, calibrator)
     else:

@@ -53,6 +53,7 @@ class OnnxFacts:
     outputs: tuple[TensorFacts, ...]
     has_qdq: bool
     has_fp16: bool
+    uint8_qdq: bool = False  # a QuantizeLinear with a uint8 zero point (asymmetric activations)
     card: dict[str, Any] | None = None
 
     @property
@@ -83,8 +84,17 @@ def read_onnx_facts(path: str | os.PathLike) -> OnnxFacts:
         outputs=tuple(_tensor(v) for v in graph.output),
         has_qdq=any(n.op_type in QDQ_OPS for n in graph.node),
         has_fp16=_has_fp16(graph),
+        uint8_qdq=_has_uint8_quantize(graph),
         card=read_card(path) if card_path(path).is_file() else None,
     )
+
+
+def _has_uint8_quantize(graph: Any) -> bool:
+    """Whether some QuantizeLinear quantizes to uint8 (its zero point initializer is UINT8)."""
+    uint8 = 2  # onnx.TensorProto.UINT8
+    zero_points = {t.name: t.data_type for t in graph.initializer}
+    return any(n.op_type == "QuantizeLinear" and len(n.input) > 2
+               and zero_points.get(n.input[2]) == uint8 for n in graph.node)
 
 
 def _load(path: Path) -> Any:

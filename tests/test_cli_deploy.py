@@ -137,3 +137,21 @@ def test_export_tensorrt_without_tensorrt_is_one_line(work, capsys):
     user_error(["export", work / "fp32.onnx", "--format", "tensorrt", "--out",
                 work / "m.engine"], capsys, "tensorrt")
     assert not (work / "m.engine").exists()
+
+
+def test_export_tensorrt_runs_without_torch(work):
+    """ONNX -> TensorRT must not import torch: with torch blocked, only TensorRT is missing."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, %r)\n"
+            "from runtime.cli import main\n"
+            "sys.exit(main(['export', %r, '--format', 'tensorrt', '--out', %r]))"
+            % (str(root), str(work / "fp32.onnx"), str(work / "nt.engine")))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    if importlib.util.find_spec("tensorrt") is None:
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "tensorrt" in proc.stderr and "torch" not in proc.stderr, proc.stderr
+    assert "import of torch halted" not in proc.stderr

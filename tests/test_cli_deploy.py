@@ -14,21 +14,14 @@ pytest.importorskip("onnxruntime.quantization")
 
 from runtime.card import read_card  # noqa: E402
 from runtime.cli import main  # noqa: E402
-from runtime.data.synth import synthesize  # noqa: E402
-from test_calib import SIZE, tiny_onnx  # noqa: E402
+# The module-scoped fixture `work` (a synthetic dataset and a tiny FP32 ONNX with its card) is
+# test_calib's; this module gets its own instance.
+from test_calib import work  # noqa: E402,F401
 
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 HAS_NNCF = importlib.util.find_spec("nncf") is not None
 needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed "
                                     "(pip install -e '.[openvino]')")
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("deploy")
-    synthesize(folder / "data", n_train=24, n_val=12, size=SIZE, seed=0, workers=1)
-    tiny_onnx(folder / "fp32.onnx")
-    return folder
 
 
 def run_ok(argv: list[str], capsys) -> str:

@@ -184,7 +184,11 @@ def test_cirkd_chunked_rows_recompute_gives_same_gradients():
 def _memory_loss(**opts):
     base = dict(variant="memory", pixel_queue=4, region_queue=2, pixel_samples=12,
                 region_samples=6, pixel_update=2)
-    return build_loss("cirkd", CTX, **{**base, **opts}).double()
+    # Seeded: with an unlucky projection init a pixel's ReLU output is all zero, and the
+    # reference's plain normalisation divides 0 by 0 where F.normalize's eps does not.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build_loss("cirkd", CTX, **{**base, **opts}).double()
 
 
 def test_cirkd_memory_matches_definition_with_fixed_queues():
@@ -330,9 +334,9 @@ def test_bpkd_matches_definition():
     n = np.maximum((m > 0).sum((2, 3)), 1)
     edge = 2.0 * ((phi[:, None] * m).sum((2, 3)) / n).sum(1).mean()
     body = _np_cwd(s * (1 - m), t * (1 - m), tau)
-    assert loss.last_terms["edge"] == pytest.approx(50 * edge, rel=1e-12)
-    assert loss.last_terms["body"] == pytest.approx(20 * body, rel=1e-12)
-    assert got.item() == pytest.approx(50 * edge + 20 * body, rel=1e-12)
+    assert loss.last_terms["edge"] == pytest.approx(1 * edge, rel=1e-12)  # default weights 1, 3
+    assert loss.last_terms["body"] == pytest.approx(3 * body, rel=1e-12)
+    assert got.item() == pytest.approx(1 * edge + 3 * body, rel=1e-12)
     got.backward()
     assert zs.grad.abs().sum() > 0 and zt.grad is None
 

@@ -56,6 +56,9 @@ class Runner(abc.ABC):
     """
 
     backend: str = ""
+    # True where infer() may run from several threads at once on one runner (the backend's session
+    # is thread-safe); the throughput profiler then keeps several requests in flight with threads.
+    concurrent_infer: bool = False
 
     def __init__(self, artifact: str | os.PathLike, *, card: dict[str, Any] | None = None) -> None:
         self.artifact = Path(artifact)

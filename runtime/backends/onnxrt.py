@@ -43,6 +43,7 @@ class OnnxRuntimeRunner(Runner):
     """Runs a single-input, single-output ONNX model with ONNX Runtime."""
 
     backend = "onnxruntime"
+    concurrent_infer = True  # InferenceSession.run is thread-safe and releases the GIL
 
     def __init__(
         self,

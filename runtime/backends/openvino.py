@@ -162,7 +162,7 @@ class OpenVinoRunner(Runner):
         if check:
             for x in batches:
                 self.check_input(x)
-        queue = self._async_queue()
+        queue = self.async_queue()
         results: list[Any] = [None] * len(batches)
 
         def done(request: Any, index: int) -> None:
@@ -174,10 +174,17 @@ class OpenVinoRunner(Runner):
         queue.wait_all()
         return results
 
-    def _async_queue(self) -> Any:
-        if self._queue is None:
+    def async_queue(self, jobs: int | None = None) -> Any:
+        """The ``AsyncInferQueue`` of ``jobs`` requests (default :attr:`jobs`), made on first use.
+
+        For callers that drive requests themselves, such as the throughput profiler; a different
+        ``jobs`` replaces the cached queue.
+        """
+        self._require_active()
+        jobs = jobs or self.jobs
+        if self._queue is None or len(self._queue) != jobs:
             ov = require("openvino", "the openvino backend")
-            self._queue = ov.AsyncInferQueue(self._compiled, self.jobs)
+            self._queue = ov.AsyncInferQueue(self._compiled, jobs)
         return self._queue
 
     @property

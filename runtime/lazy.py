@@ -25,6 +25,7 @@ _PROVIDERS: dict[str, tuple[str, str | None]] = {
     "PIL": ("pillow", None),
     "scipy": ("scipy", None),
     "tensorboard": ("tensorboard", "train"),
+    "pynvml": ("nvidia-ml-py", None),
 }
 
 

@@ -202,7 +202,24 @@ def test_teacher_adapter_modes(mode, trainable):
         assert params == []
     else:
         assert params and all(p.requires_grad == trainable for p in params)
-    assert torch.isfinite(loss(_inputs()))
+    value = loss(_inputs())
+    assert torch.isfinite(value)
+    value.backward()
+    # trained adapters learn from the loss (both terms reach them); frozen ones never change
+    assert all((p.grad is not None and p.grad.abs().sum() > 0) == bool(trainable)
+               for p in params)
+
+
+@pytest.mark.parametrize("context", ["kl", "mse"])
+def test_trained_teacher_adapters_change_training(context):
+    """'trained' must not be 'frozen' under another name: the teacher side gets a gradient."""
+    grads = {}
+    for mode in ("frozen", "trained"):
+        loss = build_loss("bckd", CTX, channels=16, teacher_adapters=mode, context=context)
+        loss(_inputs()).backward()
+        grads[mode] = sum(float(p.grad.abs().sum()) for p in loss.teacher_side.parameters()
+                          if p.grad is not None)
+    assert grads["frozen"] == 0.0 and grads["trained"] > 0.0
 
 
 def test_frozen_teacher_adapters_are_seeded_and_leave_global_rng_alone():

@@ -210,6 +210,11 @@ class BCKDLoss(nn.Module):
             ft, edge_t = self.teacher_side([t.detach() for t in inputs.teacher_feats], size)
         return fs, ft, self.student_edge(fs), edge_t
 
+    @property
+    def _detach_teacher(self) -> bool:
+        """Trained teacher adapters learn from both terms; otherwise the teacher side is a target."""
+        return self.teacher_side.mode != "trained"
+
     def pair_radius(self, height: int, width: int) -> int:
         """The set radius, or the spec's (5 at stride 8, 10 at stride 4) shrunk to fit the map."""
         if self.radius:
@@ -233,7 +238,7 @@ class BCKDLoss(nn.Module):
         bt = pairwise_boundary(prob_t, radius, self.pairs)
         self.tau_bd.update(bt)
         # L_bd is CWD's spatial-softmax KL with each offset as a channel (method.md §2.4)
-        return channel_wise_kl(bs, bt, self.tau_bd.tau.to(bs.dtype))
+        return channel_wise_kl(bs, bt, self.tau_bd.tau.to(bs.dtype), self._detach_teacher)
 
     def context_loss(self, fs: Tensor, ft: Tensor) -> Tensor:
         """L_cd between the self-relations of A(F^S) and F^T."""
@@ -246,11 +251,11 @@ class BCKDLoss(nn.Module):
 
     def _relation_loss(self, xs: Tensor, xt: Tensor) -> Tensor:
         if self.context == "mse":
-            return context_mse(xs, xt)
+            return context_mse(xs, xt, detach_teacher=self._detach_teacher)
         tau = self.tau_cd.tau.to(xs.dtype)
         b, n = xs.shape[:2]
         chunk = self.chunk or max(1, CHUNK_ELEMENTS // (b * n))
-        loss = context_kl(xs, xt, tau, chunk)
+        loss = context_kl(xs, xt, tau, chunk, self._detach_teacher)
         self.tau_cd.update(_relation_range_sample(xt))
         return loss
 

@@ -89,14 +89,16 @@ def _relation_kl_rows(xs_rows: Tensor, xt_rows: Tensor, xs: Tensor, xt: Tensor,
     return (log_pt.exp() * (log_pt - log_ps)).sum()
 
 
-def context_kl(xs: Tensor, xt: Tensor, tau: float | Tensor, chunk: int = 0) -> Tensor:
+def context_kl(xs: Tensor, xt: Tensor, tau: float | Tensor, chunk: int = 0,
+               detach_teacher: bool = True) -> Tensor:
     """C-KL: τ²/(B·N) Σ_b Σ_i KL(R^T_bi ‖ R^S_bi), R = softmax_row(X Xᵀ / (√C·τ)).
 
     ``xs`` (B, N, C_s) and ``xt`` (B, N, C_t) are pixel embeddings (each side scaled by its own √C).
     ``chunk`` > 0 processes that many rows at a time under activation checkpointing: exact, with
     O(B·chunk·N) memory instead of O(B·N²), at the cost of recomputing each block in backward.
+    ``detach_teacher=False`` also differentiates through ``xt`` (trained teacher adapters).
     """
-    xt = xt.detach()
+    xt = xt.detach() if detach_teacher else xt
     n = xs.shape[1]
     scale_s = xs.new_tensor(1.0) / (xs.shape[-1] ** 0.5 * tau)
     scale_t = xt.new_tensor(1.0) / (xt.shape[-1] ** 0.5 * tau)
@@ -110,14 +112,15 @@ def context_kl(xs: Tensor, xt: Tensor, tau: float | Tensor, chunk: int = 0) -> T
     return total / (xs.shape[0] * n) * tau * tau
 
 
-def context_mse(xs: Tensor, xt: Tensor, gram: bool = True) -> Tensor:
+def context_mse(xs: Tensor, xt: Tensor, gram: bool = True, detach_teacher: bool = True) -> Tensor:
     """C-MSE: 1/(B·N²) Σ_b ‖R^T_b − R^S_b‖²_F with R = X Xᵀ / C (each side by its own C).
 
     With ``gram`` the N×N matrices are never formed:
     ‖A Aᵀ/c_a − B Bᵀ/c_b‖²_F = ‖AᵀA‖²/c_a² − 2‖AᵀB‖²/(c_a·c_b) + ‖BᵀB‖²/c_b², all C×C products,
     so time is O(N·C²) and memory O(C²). Without it, the explicit form (for tests and tiny N).
+    ``detach_teacher=False`` also differentiates through ``xt`` (trained teacher adapters).
     """
-    xt = xt.detach()
+    xt = xt.detach() if detach_teacher else xt
     b, n = xs.shape[:2]
     cs, ct = xs.shape[-1], xt.shape[-1]
     if not gram:

@@ -61,13 +61,19 @@ class ChannelWiseKD(nn.Module):
             return channel_wise_kl(student, teacher, self.tau)
 
 
-def channel_wise_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
-    """The §4.2 loss on (B, C, h, w) maps of equal shape; see :class:`ChannelWiseKD`."""
+def channel_wise_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float,
+                    detach_teacher: bool = True) -> torch.Tensor:
+    """The §4.2 loss on (B, C, h, w) maps of equal shape; see :class:`ChannelWiseKD`.
+
+    ``detach_teacher=False`` lets the gradient reach the teacher side (BCKD's trained teacher
+    adapters); the teacher network itself is detached by the caller either way.
+    """
     if student.shape != teacher.shape:
         raise ValueError(f"cwd: student map {tuple(student.shape)} and teacher map "
                          f"{tuple(teacher.shape)} differ in shape")
     b, c = student.shape[:2]
     log_qs = F.log_softmax(student.flatten(2) / tau, dim=2)
-    log_qt = F.log_softmax(teacher.detach().flatten(2) / tau, dim=2)
+    teacher = teacher.detach() if detach_teacher else teacher
+    log_qt = F.log_softmax(teacher.flatten(2) / tau, dim=2)
     kl = (log_qt.exp() * (log_qt - log_qs)).sum()
     return kl * (tau * tau / (b * c))

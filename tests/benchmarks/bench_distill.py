@@ -43,11 +43,9 @@ from runtime.metrics import ConfusionMatrix  # noqa: E402
 
 MAIN = {"none": ("none", {}), "kd": ("kd", {}), "cwd": ("cwd", {}), "bpkd": ("bpkd", {}),
         "bckd": ("bckd", {}),
-        # BPKD's [3P] weights come from an AdamW/SegFormer recipe, where the loss scale hardly
-        # matters; under this SGD recipe its edge term's gradient is ~230x the CE's at the start.
-        # This variant gives the body term CWD's weight and scales the edge term to match.
-        "bpkd/edge-weight=1,body-weight=3": ("bpkd", {"bpkd": {"edge_weight": 1.0,
-                                                               "body_weight": 3.0}})}
+        # BPKD's third-party weights, from an AdamW/SegFormer recipe (see distill/losses/bpkd.py)
+        "bpkd/edge-weight=50,body-weight=20": ("bpkd", {"bpkd": {"edge_weight": 50.0,
+                                                                 "body_weight": 20.0}})}
 ABLATION = {
     "bckd/context-weight=50": ("bckd", {"bckd": {"context_weight": 50.0}}),
     "bckd/context=mse,context-weight=50": ("bckd", {"bckd": {"context": "mse",

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from runtime.errors import BckdError
@@ -221,23 +222,63 @@ def cmd_profile(args: argparse.Namespace) -> None:
     import numpy as np
 
     from runtime.card import read_card
-    from runtime.profile import profile_runner
 
+    if args.backend == "trtexec":
+        return _profile_trtexec(args)
     card = read_card(args.model)
     h, w = args.size or tuple(card["preprocess"]["size"])
     x = np.random.default_rng(0).standard_normal((args.batch, 3, h, w), dtype=np.float32)
+    protocol = dict(warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds,
+                    max_seconds=args.max_seconds, cv_threshold=args.cv_threshold)
     with _open(args) as runner:
-        stats = profile_runner(runner, x, warmup=args.warmup, iters=args.iters,
-                               min_seconds=args.min_seconds, batch=args.batch)
+        if args.mode == "throughput":
+            from runtime.profile import profile_throughput
+
+            if args.telemetry != "none":
+                raise BckdError("--telemetry measures the single-stream window; drop it or use "
+                                "--mode latency")
+            stats = profile_throughput(runner, x, requests=args.requests or None, **protocol)
+        else:
+            from runtime.profile import profile_runner
+            from runtime.telemetry import open_telemetry
+
+            if args.requests:
+                raise BckdError("--requests applies to --mode throughput")
+            telemetry = None if args.telemetry == "none" else open_telemetry(args.telemetry)
+            stats = profile_runner(runner, x, telemetry=telemetry, **protocol)
         info = {"backend": runner.backend, "device": runner.device,
                 "precision": runner.precision, "threads": runner.threads}
+    result = stats.to_dict()
+    for warning in result.get("warnings") or []:
+        print(f"bckd: warning: {warning}", file=sys.stderr)
     _write_json(args.out, {"model": str(args.model), **info, "input_shape": [args.batch, 3, h, w],
-                           "latency_ms": stats.to_dict()}, args.force)
+                           "latency_ms": result}, args.force)
+
+
+def _profile_trtexec(args: argparse.Namespace) -> None:
+    from runtime.card import read_card
+    from runtime.trtexec import profile_trtexec
+
+    if args.mode != "latency" or args.telemetry != "none":
+        raise BckdError("--backend trtexec reports trtexec's own single-stream summary; drop "
+                        "--mode throughput and --telemetry")
+    card = read_card(args.model) if Path(str(args.model) + ".card.json").is_file() else {}
+    size = args.size or tuple((card.get("preprocess") or {}).get("size") or ())
+    name = ((card.get("io") or {}).get("inputs") or [{}])[0].get("name") or \
+        (card.get("onnx") or {}).get("input_name") or "input"
+    shapes = {name: [args.batch, 3, *size]} if size else None
+    result = profile_trtexec(args.model, trtexec=args.trtexec, shapes=shapes,
+                             iterations=args.iters, duration=max(1, round(args.min_seconds)))
+    for warning in result.get("warnings") or []:
+        print(f"bckd: warning: trtexec: {warning}", file=sys.stderr)
+    _write_json(args.out, {"model": str(args.model), "backend": "trtexec", "latency_ms": result},
+                args.force)
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="artifact to run (ONNX file with its .card.json)")
-    p.add_argument("--backend", default="onnxruntime", help="runtime backend (default onnxruntime)")
+    p.add_argument("--backend", default="onnxruntime", help="runtime backend: onnxruntime "
+                   "(default), openvino, tensorrt; profile also takes trtexec")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
     p.add_argument("--device", help="device of backends that have several (openvino: CPU, GPU, "
                    "NPU)")
@@ -395,9 +436,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_args(p)
     p.add_argument("--size", type=_size, help="input size (default: the card's)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--iters", type=int, default=100)
-    p.add_argument("--min-seconds", type=float, default=2.0)
+    p.add_argument("--mode", default="latency", choices=["latency", "throughput"],
+                   help="single-stream latency (default) or throughput with several requests")
+    p.add_argument("--requests", type=int, default=0,
+                   help="requests in flight in throughput mode (default: the backend's choice)")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="minimum warm-up calls; warm-up goes on until the timings settle (capped)")
+    p.add_argument("--iters", type=int, default=100, help="minimum timed calls")
+    p.add_argument("--min-seconds", type=float, default=2.0, help="minimum timed seconds")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="cap of the timed phase")
+    p.add_argument("--cv-threshold", type=float, default=0.1,
+                   help="warn when std/mean of the timings exceeds this")
+    p.add_argument("--telemetry", default="none",
+                   choices=["none", "auto", "tegrastats", "rapl", "nvml"],
+                   help="power/energy over the timed window (default none)")
+    p.add_argument("--trtexec", help="trtexec path for --backend trtexec (default: PATH, then "
+                   "JetPack's location)")
     p.set_defaults(func=cmd_profile)
     return parser
 

@@ -311,19 +311,27 @@ def profile_latency(
     batch: int = 1,
     cv_threshold: float = DEFAULT_CV_THRESHOLD,
     clock: Clock = time.perf_counter_ns,
+    telemetry: Any = None,
 ) -> LatencyStats:
     """Single-stream latency of ``fn()``: warm up until settled, then time it (module docstring).
 
     ``warmup`` is the minimum number of warm-up calls, or a full :class:`WarmupPolicy`.
+    ``telemetry`` (from :func:`runtime.telemetry.open_telemetry`) is entered around the timed
+    phase only, and its result (energy per frame, FPS per watt, temperatures, ...) is recorded
+    as the stats' ``power``.
     """
     if batch < 1:
         raise BckdError(f"need batch >= 1 (got batch={batch})")
     proto = Protocol(iters=iters, min_seconds=min_seconds, max_seconds=max_seconds,
                      cv_threshold=cv_threshold, warmup=WarmupPolicy.of(warmup))
     warm = warm_up(fn, proto.warmup, clock)
-    times, total_ns = timed_loop(fn, proto, clock)
-    return LatencyStats.from_ns(times, total_s=total_ns / 1e9, batch=batch, warmup=warm,
-                                protocol=proto, warnings=proto.cut_short(len(times)))
+    with telemetry if telemetry is not None else contextlib.nullcontext():
+        times, total_ns = timed_loop(fn, proto, clock)
+    stats = LatencyStats.from_ns(times, total_s=total_ns / 1e9, batch=batch, warmup=warm,
+                                 protocol=proto, warnings=proto.cut_short(len(times)))
+    if telemetry is not None:
+        stats.context["power"] = telemetry.result(frames=len(times) * batch)
+    return stats
 
 
 def profile_runner(runner: Runner, x: np.ndarray, **kw: Any) -> LatencyStats:

@@ -1,0 +1,61 @@
+"""bckd profile: latency and throughput modes, protocol fields, warnings, trtexec backend."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runtime.cli import main
+from test_calib import work  # noqa: F401  (fixture: synthetic data + a tiny FP32 ONNX)
+from trtexec_fake import write_fake_trtexec
+
+
+def run_json(argv: list, capsys) -> dict:
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    return json.loads(captured.out)
+
+
+def test_latency_mode_records_the_protocol(work, capsys):
+    out = run_json(["profile", work / "fp32.onnx", "--threads", 1, "--iters", 20,
+                    "--min-seconds", 0], capsys)
+    lat = out["latency_ms"]
+    assert lat["mode"] == "latency" and lat["n"] >= 20
+    assert lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"]
+    assert lat["p99_9"] is None and "1000" in lat["p99_9_note"]  # too few samples for p99.9
+    assert lat["protocol"]["trimming"] == "none" and lat["cv"] >= 0
+    assert out["threads"] == 1 and out["precision"] == "fp32"
+
+
+def test_throughput_mode(work, capsys):
+    out = run_json(["profile", work / "fp32.onnx", "--mode", "throughput", "--requests", 2,
+                    "--batch", 2, "--iters", 10, "--min-seconds", 0], capsys)
+    assert out["latency_ms"]["mode"] == "throughput" and out["latency_ms"]["fps"] > 0
+
+
+def test_profile_refuses_mismatched_options(work, capsys):
+    for argv, needle in ((["--requests", 2], "--mode throughput"),
+                         (["--mode", "throughput", "--telemetry", "rapl"], "--telemetry")):
+        rc = main(["profile", str(work / "fp32.onnx"), *[str(a) for a in argv]])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_unstable_timings_are_warned_on_stderr(work, capsys):
+    rc = main(["profile", str(work / "fp32.onnx"), "--iters", "20", "--min-seconds", "0",
+               "--cv-threshold", "1e-9"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "bckd: warning:" in captured.err
+
+
+def test_trtexec_backend_with_a_stand_in(work, tmp_path: Path, capsys):
+    exe = write_fake_trtexec(tmp_path, "10.3.0")
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"not a real engine: the stand-in only reads the path")
+    out = run_json(["profile", engine, "--backend", "trtexec", "--trtexec", exe, "--size", "32",
+                    "--iters", 50, "--min-seconds", 1], capsys)
+    lat = out["latency_ms"]
+    assert out["backend"] == "trtexec" and lat["n"] >= 50 and lat["p50"] > 0
+    assert lat["latency_includes_data_transfers"] is True

@@ -212,10 +212,30 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if list(data.classes) != list(card["classes"]):
         raise BckdError(f"{args.model} predicts classes {card['classes']} but {args.data} has "
                         f"{data.classes}; evaluate on the dataset the model was trained for")
+    writer = None
+    if args.save_predictions:
+        from runtime.predictions import PredictionWriter
+
+        writer = PredictionWriter(args.save_predictions, {
+            "model": str(args.model), "model_sha256": card.get("sha256"), "split": args.split,
+            "data": str(args.data), "classes": list(card["classes"]),
+            "preprocess": card["preprocess"]}, force=args.force)
     with _open(args) as runner:
-        result = evaluate_runner(runner, data, pre, card["classes"], batch_size=args.batch)
+        result = evaluate_runner(runner, data, pre, card["classes"], batch_size=args.batch,
+                                 writer=writer)
     _write_json(args.out, {"model": str(args.model), "data": str(args.data),
                            "split": args.split, **result}, args.force)
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from runtime.data import open_dataset
+    from runtime.predictions import read_manifest, score_predictions
+
+    split = args.split or read_manifest(args.predictions).get("split")
+    data = open_dataset(args.data, split, format=args.format)
+    result = score_predictions(args.predictions, data)
+    _write_json(args.out, {"predictions": str(args.predictions), "data": str(args.data),
+                           "split": split, **result}, args.force)
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -430,7 +450,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--format", default="folder", help="dataset format (default folder)")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--save-predictions", metavar="DIR",
+                   help="also save each predicted label map (PNG) for 'bckd score' on a host")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("score", help="metrics of predictions saved by 'bckd eval "
+                       "--save-predictions' (on a host, no runtime needed)")
+    p.add_argument("predictions", help="folder written by bckd eval --save-predictions")
+    p.add_argument("--data", required=True, help="dataset root with the ground truth")
+    p.add_argument("--split", help="split (default: the one the predictions were made on)")
+    p.add_argument("--format", default="folder", help="dataset format (default folder)")
+    p.add_argument("--out", help="also write the JSON result to this file")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("profile", help="latency of an artifact on this machine")
     _add_backend_args(p)

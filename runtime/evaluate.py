@@ -12,41 +12,38 @@ from typing import Any, Callable
 import numpy as np
 
 from runtime.data.preprocess import Preprocess
-from runtime.boundary import BoundaryMeter
-from runtime.metrics import ConfusionMatrix
+from runtime.predictions import PredictionWriter, Scores
 
 
 def evaluate_runner(runner, dataset, preprocess: Preprocess, classes: list[str],
                     batch_size: int = 1,
-                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                    progress: Callable[[int, int], None] | None = None,
+                    writer: PredictionWriter | None = None) -> dict[str, Any]:
     """mIoU, pixel accuracy, per-class IoU and boundary metrics of ``runner`` on ``dataset``.
 
     Scores are fractions, except ``lhd`` (pixels); the boundary metrics (boundary F, boundary IoU,
     LHD, against the ground truth) are those of :class:`runtime.boundary.BoundaryMeter`. A model
-    calibrated on any image of ``dataset`` is refused (architecture.md rule 5).
+    calibrated on any image of ``dataset`` is refused (architecture.md rule 5). With ``writer``
+    each predicted label map is also saved, for scoring elsewhere (:mod:`runtime.predictions`).
     """
     _refuse_calibration_images(runner, dataset)
-    cm = ConfusionMatrix(len(classes), preprocess.ignore_index)
-    edges = BoundaryMeter(len(classes), preprocess.ignore_index)
+    scores = Scores(classes, preprocess.ignore_index)
     start = time.perf_counter()
     n = len(dataset)
     for lo in range(0, n, batch_size):
         idx = range(lo, min(lo + batch_size, n))
         pairs = [dataset.load(i) for i in idx]
         x = preprocess.batch([img for img, _ in pairs])
-        logits = runner.infer(x)
-        pred = np.argmax(logits, axis=1)
-        target = np.stack([preprocess.mask(m) for _, m in pairs])
-        cm.update(pred, target)
-        for p, t in zip(pred, target):
-            edges.update(p, t)
+        pred = np.argmax(runner.infer(x), axis=1)
+        scores.update(pred, np.stack([preprocess.mask(m) for _, m in pairs]))
+        if writer is not None:
+            for i, p in zip(idx, pred):
+                writer.write(str(dataset.ids[i]), p)
         if progress:
             progress(idx[-1] + 1, n)
-    summary = cm.summary(classes)
-    b = edges.summary()
-    summary.update(boundary_f=b["boundary_f"], boundary_iou=b["boundary_iou"], lhd=b["lhd"],
-                   images=n, seconds=round(time.perf_counter() - start, 3))
-    return summary
+    if writer is not None:
+        writer.close()
+    return dict(scores.summary(), seconds=round(time.perf_counter() - start, 3))
 
 
 def _refuse_calibration_images(runner, dataset) -> None:

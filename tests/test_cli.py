@@ -10,7 +10,7 @@ import pytest
 from runtime.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = [[], ["run"], ["data"], ["data", "synth"], ["distill"], ["export"], ["eval"],
+SUBCOMMANDS = [[], ["run"], ["score"], ["data"], ["data", "synth"], ["distill"], ["export"], ["eval"],
                ["profile"], ["calib"], ["analyze"]]
 
 

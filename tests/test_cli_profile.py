@@ -59,3 +59,19 @@ def test_trtexec_backend_with_a_stand_in(work, tmp_path: Path, capsys):
     lat = out["latency_ms"]
     assert out["backend"] == "trtexec" and lat["n"] >= 50 and lat["p50"] > 0
     assert lat["latency_includes_data_transfers"] is True
+
+
+def test_predictions_saved_on_the_device_score_the_same_on_the_host(work, tmp_path, capsys):
+    preds = tmp_path / "preds"
+    on_device = run_json(["eval", work / "fp32.onnx", "--data", work / "data", "--split", "val",
+                          "--save-predictions", preds], capsys)
+    on_host = run_json(["score", preds, "--data", work / "data"], capsys)
+    for key in ("miou", "pixel_acc", "boundary_f", "boundary_iou", "lhd", "images"):
+        assert on_host[key] == on_device[key], key
+    assert on_host["split"] == "val" and len(list(preds.glob("*.png"))) == on_device["images"]
+    rc = main(["eval", str(work / "fp32.onnx"), "--data", str(work / "data"), "--split", "val",
+               "--save-predictions", str(preds)])
+    assert rc == 1 and "exists" in capsys.readouterr().err  # never overwritten silently
+    (preds / "predictions.json").unlink()  # an interrupted evaluation
+    rc = main(["score", str(preds), "--data", str(work / "data")])
+    assert rc == 1 and "predictions.json" in capsys.readouterr().err

@@ -17,7 +17,9 @@ from runtime.config import KDConfig, RunConfig, to_dict
 from runtime.errors import BckdError
 from runtime.data import open_dataset
 from runtime.files import sha256_file, sha256_json, staged_dir
+from runtime.progress import Progress
 from runtime.report import new_report, render_text, write_report
+from runtime.report_html import EXAMPLE_IMAGES, MaskExamples
 
 Log = Callable[[str], None]
 
@@ -93,8 +95,11 @@ def _pct(value: float | None) -> float | None:
 
 
 def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
-            backend: str = "onnxruntime") -> dict[str, Any]:
-    """Evaluate and profile one artifact on one backend; returns a report row."""
+            backend: str = "onnxruntime", examples: MaskExamples | None = None) -> dict[str, Any]:
+    """Evaluate and profile one artifact on one backend; returns a report row.
+
+    With ``examples``, the predictions of its first images are kept there for report.html.
+    """
     from runtime.backends import open_runner
     from runtime.card import read_card
     from runtime.data.preprocess import Preprocess
@@ -106,8 +111,11 @@ def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
     val = open_dataset(data_root, cfg.data.val_split, format=cfg.data.format)
     threads = cfg.profile.threads or os.cpu_count() or 1
     options = {"precision": "f32"} if backend == "openvino" else {}  # never the device default
+    keep = examples.writer() if examples is not None else None
     with open_runner(backend, artifact, threads=threads, **options) as runner:
-        acc = evaluate_runner(runner, val, pre, card["classes"], batch_size=8)
+        with Progress(f"[eval] {artifact.name} ({backend})", len(val)) as bar:
+            acc = evaluate_runner(runner, val, pre, card["classes"], batch_size=8,
+                                  progress=bar, writer=keep)
         x = pre.batch([val.load(0)[0]] * cfg.profile.batch)
         lat = profile_runner(runner, x, warmup=cfg.profile.warmup, iters=cfg.profile.iters,
                              min_seconds=cfg.profile.min_seconds, batch=cfg.profile.batch)
@@ -115,7 +123,7 @@ def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
     stats = lat.to_dict()
     a = card["arch"]
     size = sum(p.stat().st_size for p in (artifact, artifact.with_suffix(".bin")) if p.is_file())
-    return {
+    row = {
         "model": card.get("role", "student"), "method": card.get("method", "none"),
         "arch": f"{a['backbone']}-{a['head']}-w{a['width']:g}", "backend": backend,
         "precision": precision, "device": device, "threads": threads,
@@ -132,15 +140,18 @@ def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
         "artifact": str(artifact.relative_to(run_dir)),
         "parity": card.get("parity"),
     }
+    if examples is not None:
+        examples.load(val, pre)
+        examples.add(row, keep)
+    return row
 
 
 def deploy_rows(onnx_path: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
-                log: Log) -> list[dict[str, Any]]:
+                log: Log, examples: MaskExamples | None = None) -> list[dict[str, Any]]:
     """OpenVINO FP32, and INT8 (calibrated on the train split) on ONNX Runtime and OpenVINO."""
     import importlib.util
 
     from calib.quantize import quantize_onnx
-    from calib.reader import CalibrationReader
     from runtime.card import read_card
 
     rows = []
@@ -153,7 +164,7 @@ def deploy_rows(onnx_path: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
         xml = run_dir / "openvino" / (onnx_path.stem + ".xml")
         log(f"[export] {onnx_path.name} -> {xml.relative_to(run_dir)}")
         convert_to_openvino(onnx_path, xml)
-        row = measure(xml, data_root, run_dir, cfg, "openvino")
+        row = measure(xml, data_root, run_dir, cfg, "openvino", examples)
         # The IR is the ONNX converted as is: its parity is the OpenVINO check run at export.
         parity = (read_card(onnx_path).get("parity") or {}).get("backends", {}).get("openvino")
         rows.append(dict(row, parity=parity))
@@ -161,19 +172,37 @@ def deploy_rows(onnx_path: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
         int8 = run_dir / "int8" / (onnx_path.stem + ".int8.onnx")
         log(f"[calib] {onnx_path.name}: INT8 Q/DQ, {cfg.deploy.calib_method} on "
             f"{cfg.deploy.calib_images} '{cfg.data.train_split}' images")
-        reader = CalibrationReader.for_model(onnx_path, data_root, cfg.data.train_split,
-                                             format=cfg.data.format,
-                                             num_images=cfg.deploy.calib_images)
+        reader = _reader_with_progress().for_model(onnx_path, data_root, cfg.data.train_split,
+                                                   format=cfg.data.format,
+                                                   num_images=cfg.deploy.calib_images)
         quantize_onnx(onnx_path, int8, reader, method=cfg.deploy.calib_method)
-        rows.append(measure(int8, data_root, run_dir, cfg))
+        rows.append(measure(int8, data_root, run_dir, cfg, examples=examples))
         if cfg.deploy.openvino and has_openvino:
-            rows.append(measure(int8, data_root, run_dir, cfg, "openvino"))
+            rows.append(measure(int8, data_root, run_dir, cfg, "openvino", examples))
     return rows
 
 
+def _reader_with_progress() -> type:
+    """A calibration reader that shows a progress bar over each pass through its images."""
+    from calib.reader import CalibrationReader
+
+    class ProgressReader(CalibrationReader):
+        def batches(self, batch_size: int | None = None):
+            with Progress(f"[calib] reading {self.split} images", len(self.indices)) as bar:
+                for x in super().batches(batch_size):
+                    bar.update(len(x))
+                    yield x
+
+    return ProgressReader
+
+
 def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
-                 log: Log = print) -> dict[str, Any]:
-    """Synthesise (or open) data, train teacher and students, export, measure, report."""
+                 log: Log = print, example_images: int = EXAMPLE_IMAGES) -> dict[str, Any]:
+    """Synthesise (or open) data, train teacher and students, export, measure, report.
+
+    report.html shows the predictions of every model on the first ``example_images`` validation
+    images (kept in memory while measuring).
+    """
     from distill.run import distill_stage
     from export.api import export_checkpoint
     from runtime.data.synth import synthesize
@@ -200,8 +229,9 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
         if not cfg.data.root:
             s = cfg.data.synth
             log(f"[data] synthesising {s.n_train}+{s.n_val} images at {s.size} (seed {s.seed})")
-            synthesize(data_root, n_train=s.n_train, n_val=s.n_val, size=tuple(s.size),
-                       seed=s.seed)
+            with Progress("[data] synthesising", s.n_train + s.n_val) as bar:
+                synthesize(data_root, n_train=s.n_train, n_val=s.n_val, size=tuple(s.size),
+                           seed=s.seed, progress=bar)
         fingerprint = dataset_fingerprint(data_root, (cfg.data.train_split, cfg.data.val_split),
                                           cfg.data.format)
         teacher = teacher_checkpoint(cfg, data_root, fingerprint, log)
@@ -216,6 +246,7 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
                           teacher=teacher, root_label=root_label, log=log)
             checkpoints[("student", method)] = ckpt
         rows = []
+        examples = MaskExamples(example_images) if example_images > 0 else None
         for (role, method), ckpt in checkpoints.items():
             onnx_path = tmp / "onnx" / f"{role}-{method}.onnx"
             log(f"[export] {ckpt.name} -> {onnx_path.relative_to(tmp)}")
@@ -224,9 +255,9 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
                               dynamic=cfg.export.dynamic, simplify=cfg.export.simplify,
                               extra={"role": role}, source_label=label)
             log(f"[measure] {role}/{method}: evaluating and profiling with onnxruntime")
-            rows.append(measure(onnx_path, data_root, tmp, cfg))
+            rows.append(measure(onnx_path, data_root, tmp, cfg, examples=examples))
             if role == "student" and method in deployed:
-                rows += deploy_rows(onnx_path, data_root, tmp, cfg, log)
+                rows += deploy_rows(onnx_path, data_root, tmp, cfg, log, examples)
         val = open_dataset(data_root, cfg.data.val_split, format=cfg.data.format)
         report = new_report(to_dict(cfg), {
             "name": val.meta.get("name"), "root": root_label,
@@ -234,9 +265,9 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
             "val_split": cfg.data.val_split, "val_images": len(val), "fingerprint": fingerprint})
         report["results"] = rows
         report["wall_seconds"] = round(time.perf_counter() - start, 1)
-        write_report(tmp, report)
+        write_report(tmp, report, examples)
     log("")
     log(render_text(report))
-    log(f"\nwrote {Path(out) / 'report.json'} and {Path(out) / 'report.md'} "
+    log(f"\nwrote {Path(out) / 'report.json'}, report.md and report.html "
         f"in {report['wall_seconds']:.0f} s")
     return report

@@ -1,11 +1,18 @@
-"""The run report: ``report.json`` (documented, versioned schema) and ``report.md``.
+"""The run report: ``report.json`` (documented, versioned schema), report.md and report.html.
+
+report.html (one self-contained page with the latency, accuracy-vs-latency and example-mask
+figures) is drawn by :mod:`runtime.report_html`.
 
 Schema (``schema_version`` 1; later versions add fields and rows, never rename):
 
 * ``schema``: ``"bckd.report"``; ``schema_version``: int; ``created``: ISO-8601 UTC;
-  ``bckd_version``; ``host``: machine, processor, cpu_count, python.
+  ``bckd_version``; ``host``: machine, processor, cpu_count, python, system.
+* ``versions``: {package: version, or null when not installed} of the packages that produced
+  the figures (numpy, onnx, onnxruntime, openvino, torch, pillow), read from the installed
+  distributions' metadata. Added in version 1; absent from reports written before.
 * ``dataset``: name, root, splits used, classes, fingerprint.
 * ``config``: the full run configuration as plain data.
+* ``wall_seconds``: wall-clock time of the whole run, in seconds (``bckd run`` only).
 * ``results``: a list of rows, one per (model, method, backend, precision):
 
   ==============  ==========================================================================
@@ -39,6 +46,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from importlib import metadata
+
 from runtime import __version__
 from runtime.files import atomic_write_json, atomic_write_text
 
@@ -46,6 +55,7 @@ REPORT_SCHEMA = "bckd.report"
 REPORT_SCHEMA_VERSION = 1
 ROW_REQUIRED = ("model", "method", "backend", "precision", "miou", "latency_ms", "fps")
 LATENCY_KEYS = ("p50", "p90", "p99")
+VERSIONED_PACKAGES = ("numpy", "onnx", "onnxruntime", "openvino", "torch", "pillow")
 
 
 def cpu_name() -> str:
@@ -65,11 +75,23 @@ def host_info() -> dict[str, Any]:
             "system": platform.system()}
 
 
+def package_versions(names: tuple[str, ...] = VERSIONED_PACKAGES) -> dict[str, str | None]:
+    """Installed version of each distribution, None where it is missing; imports nothing."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def new_report(config: dict[str, Any], dataset: dict[str, Any]) -> dict[str, Any]:
     """An empty report with the header filled in."""
     return {"schema": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "bckd_version": __version__, "host": host_info(), "dataset": dataset,
+            "bckd_version": __version__, "host": host_info(),
+            "versions": package_versions(), "dataset": dataset,
             "config": config, "results": []}
 
 
@@ -136,14 +158,23 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     lines += ["| " + " | ".join(b) + " |" for b in body]
     lines += ["", "mIoU in percent on the validation split; latency is single-stream, batch 1, "
-              "with the thread count recorded per row in report.json.", ""]
+              "with the thread count recorded per row in report.json.",
+              "Latency distributions, accuracy against latency and example masks: "
+              "[report.html](report.html).", ""]
     return "\n".join(lines)
 
 
-def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> tuple[Path, Path]:
-    """Validate the rows and write report.json and report.md atomically."""
+def write_report(out_dir: str | os.PathLike, report: dict[str, Any],
+                 examples: Any = None) -> tuple[Path, Path, Path]:
+    """Validate the rows and write report.json, report.md and report.html atomically.
+
+    ``examples`` (a :class:`runtime.report_html.MaskExamples`) adds the example-mask figure.
+    """
+    from runtime.report_html import render_html
+
     for row in report["results"]:
         validate_row(row)
     out_dir = Path(out_dir)
     return (atomic_write_json(out_dir / "report.json", report),
-            atomic_write_text(out_dir / "report.md", render_markdown(report)))
+            atomic_write_text(out_dir / "report.md", render_markdown(report)),
+            atomic_write_text(out_dir / "report.html", render_html(report, examples)))

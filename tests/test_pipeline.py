@@ -49,6 +49,18 @@ def test_report_schema_and_rows(quick_run):
     assert rows[1]["params"] == rows[2]["params"] == rows[3]["params"]
 
 
+def test_report_html_written(quick_run):
+    out, _ = quick_run
+    page = (out / "report.html").read_text()
+    rows = json.loads((out / "report.json").read_text())["results"]
+    assert page.startswith("<!DOCTYPE html>") and "http://" not in page and "https://" not in page
+    assert page.count('class="latency-row"') == len(rows)
+    assert 'id="pareto-plot"' in page and 'class="pareto-front"' in page
+    # 4 val images x (input, ground truth, teacher, no-KD, KD, BCKD, BCKD INT8)
+    assert page.count('class="mask-image"') == 4 * 7
+    assert "(report.html)" in (out / "report.md").read_text()
+
+
 def test_no_partial_dirs_left(quick_run):
     out, _ = quick_run
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".partial")]

@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 from runtime.errors import BckdError
@@ -276,13 +275,13 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def _profile_trtexec(args: argparse.Namespace) -> None:
-    from runtime.card import read_card
+    from runtime.backends.base import load_card_if_any
     from runtime.trtexec import profile_trtexec
 
     if args.mode != "latency" or args.telemetry != "none":
         raise BckdError("--backend trtexec reports trtexec's own single-stream summary; drop "
                         "--mode throughput and --telemetry")
-    card = read_card(args.model) if Path(str(args.model) + ".card.json").is_file() else {}
+    card = load_card_if_any(args.model) or {}
     size = args.size or tuple((card.get("preprocess") or {}).get("size") or ())
     name = ((card.get("io") or {}).get("inputs") or [{}])[0].get("name") or \
         (card.get("onnx") or {}).get("input_name") or "input"

@@ -42,9 +42,11 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_synth(args: argparse.Namespace) -> None:
     from runtime.data.synth import synthesize
+    from runtime.progress import Progress
 
-    path = synthesize(args.out, n_train=args.n_train, n_val=args.n_val, size=args.size,
-                      seed=args.seed, force=args.force)
+    with Progress("[data] synthesising", args.n_train + args.n_val) as bar:
+        path = synthesize(args.out, n_train=args.n_train, n_val=args.n_val, size=args.size,
+                          seed=args.seed, force=args.force, progress=bar)
     print(f"wrote {args.n_train}+{args.n_val} images to {path}")
 
 
@@ -86,12 +88,21 @@ def cmd_mfs(args: argparse.Namespace) -> None:
           f"{result['settings']['images']} images)")
 
 
+# What --out's suffix means when --format is not given.
+EXPORT_SUFFIXES = {".onnx": "onnx", ".xml": "openvino", ".engine": "tensorrt", ".plan": "tensorrt"}
+
+
 def cmd_export(args: argparse.Namespace) -> None:
-    fmt = args.format or ("onnx" if not str(args.model).endswith(".onnx") else "")
+    is_onnx = str(args.model).endswith(".onnx")
+    fmt = (args.format or EXPORT_SUFFIXES.get(os.path.splitext(str(args.out))[1].lower())
+           or (None if is_onnx else "onnx"))
     if not fmt:
+        raise BckdError(f"cannot tell the format from --out {args.out}; end it in .onnx, .xml "
+                        "or .engine, or pass --format onnx|openvino|tensorrt")
+    if fmt == "onnx" and is_onnx:
         raise BckdError(f"{args.model} is already ONNX; pass --format openvino or --format "
-                        "tensorrt to convert it")
-    if fmt != "onnx" and not str(args.model).endswith(".onnx"):
+                        "tensorrt (or an --out ending in .xml or .engine) to convert it")
+    if fmt != "onnx" and not is_onnx:
         raise BckdError(f"--format {fmt} converts an ONNX file, got {args.model}; export it "
                         f"first with 'bckd export {args.model} --out model.onnx'")
     EXPORTERS[fmt](args)
@@ -219,9 +230,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
             "model": str(args.model), "model_sha256": card.get("sha256"), "split": args.split,
             "data": str(args.data), "classes": list(card["classes"]),
             "preprocess": card["preprocess"]}, force=args.force)
-    with _open(args) as runner:
+    from runtime.progress import Progress
+
+    with _open(args) as runner, Progress(f"[eval] {os.path.basename(args.model)} ({args.backend})",
+                                         len(data)) as bar:
         result = evaluate_runner(runner, data, pre, card["classes"], batch_size=args.batch,
-                                 writer=writer)
+                                 writer=writer, progress=bar)
     _write_json(args.out, {"model": str(args.model), "data": str(args.data),
                            "split": args.split, **result}, args.force)
 
@@ -229,10 +243,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     from runtime.data import open_dataset
     from runtime.predictions import read_manifest, score_predictions
+    from runtime.progress import Progress
 
-    split = args.split or read_manifest(args.predictions).get("split")
+    manifest = read_manifest(args.predictions)
+    split = args.split or manifest.get("split")
     data = open_dataset(args.data, split, format=args.format)
-    result = score_predictions(args.predictions, data)
+    with Progress(f"[score] {os.path.basename(os.path.normpath(args.predictions))}",
+                  len(manifest["ids"])) as bar:
+        result = score_predictions(args.predictions, data, progress=bar)
     _write_json(args.out, {"predictions": str(args.predictions), "data": str(args.data),
                            "split": split, **result}, args.force)
 

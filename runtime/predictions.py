@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -101,8 +101,12 @@ def iter_predictions(folder: Path, ids: Iterable[str]) -> Iterator[tuple[str, np
             yield image_id, np.asarray(im, dtype=np.uint8)
 
 
-def score_predictions(folder: str | os.PathLike, dataset: Any) -> dict[str, Any]:
-    """Metrics of the saved predictions in ``folder`` against ``dataset``'s ground truth."""
+def score_predictions(folder: str | os.PathLike, dataset: Any,
+                      progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Metrics of the saved predictions in ``folder`` against ``dataset``'s ground truth.
+
+    ``progress(done, total)`` is called after each prediction is scored.
+    """
     folder = Path(folder)
     manifest = read_manifest(folder)
     if list(dataset.classes) != list(manifest["classes"]):
@@ -116,10 +120,13 @@ def score_predictions(folder: str | os.PathLike, dataset: Any) -> dict[str, Any]
                         f"'{getattr(dataset, 'split', '?')}'; pass the split that was evaluated "
                         f"('{manifest.get('split')}')")
     scores = Scores(manifest["classes"], pre.ignore_index)
-    for image_id, pred in iter_predictions(folder, manifest["ids"]):
+    total = len(manifest["ids"])
+    for done, (image_id, pred) in enumerate(iter_predictions(folder, manifest["ids"]), 1):
         target = pre.mask(dataset.load(index[image_id])[1])
         if pred.shape != target.shape:
             raise BckdError(f"prediction {image_id} is {pred.shape} but the target at the "
                             f"manifest's input size is {target.shape}")
         scores.update(pred, target)
+        if progress:
+            progress(done, total)
     return dict(scores.summary(), model_sha256=manifest.get("model_sha256"))

@@ -102,7 +102,7 @@ def test_calib_nncf_writes_an_ir_that_runs(work, capsys):
 @needs_openvino
 def test_export_openvino_then_eval_and_profile(work, capsys):
     xml = work / "fp32.xml"
-    run_ok(["export", work / "fp32.onnx", "--format", "openvino", "--out", xml], capsys)
+    run_ok(["export", work / "fp32.onnx", "--out", xml], capsys)  # the format from the suffix
     assert xml.is_file() and xml.with_suffix(".bin").is_file()
     ort_result = json.loads(run_ok(["eval", work / "fp32.onnx", "--data", work / "data"], capsys))
     ov_result = json.loads(run_ok(["eval", xml, "--backend", "openvino", "--precision", "f32",
@@ -115,11 +115,44 @@ def test_export_openvino_then_eval_and_profile(work, capsys):
                "exists")
 
 
+@needs_openvino
+def test_zero_copy_inputs_stay_valid_after_the_caller_drops_them(work) -> None:
+    """The runner wraps each input without copying it, and OpenVINO's shared Tensor does not own
+    the array. A runner that dropped the Tensor before ``infer`` corrupted the heap: the eval parity
+    check in the test above caught it (this loop did not, on this machine). This pins the
+    contract: fresh arrays of changing shapes, dropped and collected at once, and outputs the
+    caller owns."""
+    import gc
+
+    import numpy as np
+    import openvino as ov
+
+    from runtime.backends import open_runner
+
+    core = ov.Core()
+    plain = core.compile_model(core.read_model(str(work / "fp32.onnx")), "CPU",
+                               {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+    rng = np.random.default_rng(1)
+    with open_runner("openvino", work / "fp32.onnx") as runner:
+        for i in range(30):
+            x = rng.standard_normal((1 + i % 2, 3, 64 + 8 * (i % 3), 96), dtype=np.float32)
+            want = plain.infer({0: x})[0].copy()
+            got = runner.infer(x.copy())  # the only reference to its input is the runner's
+            gc.collect()
+            np.testing.assert_array_equal(got, want)
+            got[...] = 0  # the result is the caller's own copy, not the request's buffer
+            assert np.array_equal(runner.infer(x), want)
+
+
 def test_export_errors_are_one_line(work, capsys):
     user_error(["export", work / "fp32.onnx", "--out", work / "again.onnx"], capsys,
                "already ONNX")
     user_error(["export", work / "student.pt", "--format", "openvino", "--out", work / "a.xml"],
                capsys, "converts an ONNX file")
+    user_error(["export", work / "student.pt", "--out", work / "a.xml"], capsys,
+               "converts an ONNX file")
+    user_error(["export", work / "fp32.onnx", "--out", work / "a.bin"], capsys,
+               "cannot tell the format")
     user_error(["profile", work / "fp32.onnx", "--backend", "onnxruntime", "--precision", "f32"],
                capsys, "precision")
 

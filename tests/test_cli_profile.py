@@ -75,3 +75,16 @@ def test_predictions_saved_on_the_device_score_the_same_on_the_host(work, tmp_pa
     (preds / "predictions.json").unlink()  # an interrupted evaluation
     rc = main(["score", str(preds), "--data", str(work / "data")])
     assert rc == 1 and "predictions.json" in capsys.readouterr().err
+
+
+def test_eval_and_score_show_progress_on_stderr_only(work, tmp_path, capsys):
+    preds = tmp_path / "preds"
+    rc = main(["eval", str(work / "fp32.onnx"), "--data", str(work / "data"),
+               "--save-predictions", str(preds)])
+    captured = capsys.readouterr()
+    n = json.loads(captured.out)["images"]  # stdout stays pure JSON
+    assert rc == 0 and f"[eval] fp32.onnx (onnxruntime) {n}/{n} img (100%" in captured.err
+    rc = main(["score", str(preds), "--data", str(work / "data")])
+    captured = capsys.readouterr()
+    assert rc == 0 and f"[score] preds {n}/{n} img (100%" in captured.err
+    json.loads(captured.out)

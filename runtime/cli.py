@@ -267,6 +267,11 @@ def cmd_profile(args: argparse.Namespace) -> None:
     x = np.random.default_rng(0).standard_normal((args.batch, 3, h, w), dtype=np.float32)
     protocol = dict(warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds,
                     max_seconds=args.max_seconds, cv_threshold=args.cv_threshold)
+    if (args.mode == "pipeline") != bool(args.data):
+        raise BckdError("--mode pipeline times real images: give it --data DIR (and --data "
+                        "only with --mode pipeline)")
+    if args.mode == "pipeline":
+        return _profile_pipeline(args, card, protocol)
     with _open(args) as runner:
         if args.mode == "throughput":
             from runtime.profile import profile_throughput
@@ -290,6 +295,33 @@ def cmd_profile(args: argparse.Namespace) -> None:
         print(f"bckd: warning: {warning}", file=sys.stderr)
     _write_json(args.out, {"model": str(args.model), **info, "input_shape": [args.batch, 3, h, w],
                            "latency_ms": result}, args.force)
+
+
+def _profile_pipeline(args: argparse.Namespace, card: dict, protocol: dict) -> None:
+    from runtime.data import open_dataset
+    from runtime.data.preprocess import Preprocess
+    from runtime.profile import profile_pipeline
+
+    if args.telemetry != "none" or args.requests:
+        raise BckdError("--mode pipeline times one stream stage by stage; drop --telemetry and "
+                        "--requests")
+    if args.images < 1:
+        raise BckdError(f"--images must be at least 1, got {args.images}")
+    pre = Preprocess.from_dict(card["preprocess"])
+    if args.size:
+        pre = Preprocess.from_dict(dict(card["preprocess"], size=list(args.size)))
+    data = open_dataset(args.data, args.split, format=args.format)
+    images = [data.load(i)[0] for i in range(min(len(data), args.images))]
+    with _open(args) as runner:
+        stats = profile_pipeline(runner, images, pre, batch=args.batch, **protocol)
+    result = stats.to_dict()
+    for name, stage in result["stages"].items():
+        for warning in stage.get("warnings") or []:
+            print(f"bckd: warning: {name}: {warning}", file=sys.stderr)
+    _write_json(args.out, {"model": str(args.model), "backend": result.get("backend"),
+                           "device": result.get("device"), "precision": result.get("precision"),
+                           "threads": result.get("threads"), "data": str(args.data),
+                           "split": args.split, "latency_ms": result}, args.force)
 
 
 def _profile_trtexec(args: argparse.Namespace) -> None:
@@ -485,8 +517,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_args(p)
     p.add_argument("--size", type=_size, help="input size (default: the card's)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--mode", default="latency", choices=["latency", "throughput"],
-                   help="single-stream latency (default) or throughput with several requests")
+    p.add_argument("--mode", default="latency", choices=["latency", "throughput", "pipeline"],
+                   help="single-stream latency of the network (default), throughput with "
+                   "several requests, or pipeline: decoded --data images through preprocess, "
+                   "network and postprocess, each stage timed")
+    p.add_argument("--data", help="dataset root whose images --mode pipeline times")
+    p.add_argument("--split", default="val", help="split of --data (default val)")
+    p.add_argument("--format", default="folder", help="format of --data (default folder)")
+    p.add_argument("--images", type=int, default=8,
+                   help="images --mode pipeline cycles through (default 8)")
     p.add_argument("--requests", type=int, default=0,
                    help="requests in flight in throughput mode (default: the backend's choice)")
     p.add_argument("--warmup", type=int, default=10,

@@ -94,6 +94,10 @@ def _pct(value: float | None) -> float | None:
     return None if value is None else round(100 * value, 2)
 
 
+# Validation images cycled through by the per-stage timing of each artifact.
+STAGE_IMAGES = 8
+
+
 def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
             backend: str = "onnxruntime", examples: MaskExamples | None = None) -> dict[str, Any]:
     """Evaluate and profile one artifact on one backend; returns a report row.
@@ -104,7 +108,7 @@ def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
     from runtime.card import read_card
     from runtime.data.preprocess import Preprocess
     from runtime.evaluate import evaluate_runner
-    from runtime.profile import profile_runner
+    from runtime.profile import profile_pipeline, profile_runner
 
     card = read_card(artifact)
     pre = Preprocess.from_dict(card["preprocess"])
@@ -119,6 +123,11 @@ def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
         x = pre.batch([val.load(0)[0]] * cfg.profile.batch)
         lat = profile_runner(runner, x, warmup=cfg.profile.warmup, iters=cfg.profile.iters,
                              min_seconds=cfg.profile.min_seconds, batch=cfg.profile.batch)
+        # Decoded images -> preprocess -> inference -> label map, on real validation images.
+        images = [val.load(i)[0] for i in range(min(len(val), STAGE_IMAGES))]
+        pipe = profile_pipeline(runner, images, pre, batch=cfg.profile.batch,
+                                warmup=cfg.profile.warmup, iters=cfg.profile.iters,
+                                min_seconds=cfg.profile.min_seconds / 2)
         backend, precision, device = runner.backend, runner.precision, runner.device
     stats = lat.to_dict()
     a = card["arch"]
@@ -136,6 +145,8 @@ def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
         "latency_ms": {k: round(stats[k], 3) for k in ("p50", "p90", "p99", "mean", "std",
                                                        "min", "max")},
         "fps": round(stats["fps"], 1), "batch": cfg.profile.batch, "iterations": stats["n"],
+        "stages_ms": {name: {k: round(st.to_dict()[k], 3) for k in ("p50", "p90", "mean")}
+                      for name, st in pipe.stages.items()},
         "size_mb": round(size / 2**20, 3), "params": card.get("params"),
         "artifact": str(artifact.relative_to(run_dir)),
         "parity": card.get("parity"),

@@ -88,3 +88,25 @@ def test_eval_and_score_show_progress_on_stderr_only(work, tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0 and f"[score] preds {n}/{n} img (100%" in captured.err
     json.loads(captured.out)
+
+
+def test_pipeline_mode_times_each_stage_on_real_images(work, capsys):
+    out = run_json(["profile", work / "fp32.onnx", "--mode", "pipeline", "--data", work / "data",
+                    "--images", 3, "--threads", 1, "--iters", 12, "--min-seconds", 0], capsys)
+    stages = out["latency_ms"]["stages"]
+    assert list(stages) == ["preprocess", "inference", "postprocess", "end_to_end"]
+    for stage in stages.values():
+        assert stage["n"] >= 12 and 0 < stage["p50"] <= stage["p99"]
+    parts = sum(stages[s]["mean"] for s in ("preprocess", "inference", "postprocess"))
+    assert parts == pytest.approx(stages["end_to_end"]["mean"], rel=1e-6)
+    assert out["backend"] == "onnxruntime" and out["threads"] == 1 and out["split"] == "val"
+
+
+def test_pipeline_mode_needs_data_and_data_needs_pipeline_mode(work, capsys):
+    for argv, needle in ((["--mode", "pipeline"], "--data"),
+                         (["--data", str(work / "data")], "--mode pipeline"),
+                         (["--mode", "pipeline", "--data", str(work / "data"), "--images", "0"],
+                          "--images")):
+        rc = main(["profile", str(work / "fp32.onnx"), *argv])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and len(err.splitlines()) == 1 and needle in err, err

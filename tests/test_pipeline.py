@@ -20,7 +20,7 @@ def quick_run(tmp_path_factory):
 def test_report_schema_and_rows(quick_run):
     out, _ = quick_run
     report = json.loads((out / "report.json").read_text())
-    assert report["schema"] == "bckd.report" and report["schema_version"] == 1
+    assert report["schema"] == "bckd.report" and report["schema_version"] == 2
     rows = report["results"]
     ov = importlib.util.find_spec("openvino") is not None
     expected = [("teacher", "none", "onnxruntime", "fp32"), ("student", "none", "onnxruntime", "fp32"),
@@ -36,6 +36,10 @@ def test_report_schema_and_rows(quick_run):
             assert row["latency_ms"][key] > 0
         assert row["latency_ms"]["p50"] <= row["latency_ms"]["p90"] <= row["latency_ms"]["p99"]
         assert 0 <= row["miou"] <= 100 and row["fps"] > 0
+        stages = row["stages_ms"]
+        assert set(stages) == {"preprocess", "inference", "postprocess", "end_to_end"}
+        parts = sum(stages[s]["mean"] for s in ("preprocess", "inference", "postprocess"))
+        assert parts == pytest.approx(stages["end_to_end"]["mean"], abs=0.01)  # rounding only
         if row["precision"] == "fp32":
             assert row["parity"]["ok"], row["parity"]
         assert (out / row["artifact"]).is_file()
@@ -44,7 +48,7 @@ def test_report_schema_and_rows(quick_run):
     teacher, student = rows[0], rows[1]
     assert teacher["params"] > student["params"]
     md = (out / "report.md").read_text()
-    assert "| teacher | none |" in md and "| student | kd |" in md and "| student | bckd |" in md
+    assert "e2e p50 ms" in md and "| teacher | none |" in md and "| student | kd |" in md and "| student | bckd |" in md
     # the distilled students are exactly the plain student: adapters never reach the artifact
     assert rows[1]["params"] == rows[2]["params"] == rows[3]["params"]
 

@@ -10,6 +10,7 @@
    whole-step peaks and of the part above a KD step's peak.
 
     python tests/benchmarks/bench_bckd_cost.py [--device cpu|cuda] [--batch 8] [--size 128]
+        [--stride4-time]   # also the step time of BCKD at feature stride 4
 """
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ def time_steps(args) -> dict:
     amp = resolve_amp(args.amp, device)
     steps = {"kd": make_step("kd", {}, device, args.batch, args.size, amp),
              "bckd": make_step("bckd", {}, device, args.batch, args.size, amp)}
+    if args.stride4_time:  # the ablation's stride-4 variant (auto radius 10), for the record
+        steps["bckd_stride4"] = make_step("bckd", {"bckd": {"feature_stride": 4}}, device,
+                                          args.batch, args.size, amp)
     times: dict[str, list[float]] = {k: [] for k in steps}
     for step in steps.values():
         for _ in range(args.warmup):
@@ -74,9 +78,13 @@ def time_steps(args) -> dict:
                 step()
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
-    return {"device": str(device), "amp": amp, "threads": torch.get_num_threads(),
-            "kd_ms": med["kd"], "bckd_ms": med["bckd"], "ratio": med["bckd"] / med["kd"],
-            "kd_min_ms": min(times["kd"]) * 1000, "bckd_min_ms": min(times["bckd"]) * 1000}
+    out = {"device": str(device), "amp": amp, "threads": torch.get_num_threads(),
+           "kd_ms": med["kd"], "bckd_ms": med["bckd"], "ratio": med["bckd"] / med["kd"],
+           "kd_min_ms": min(times["kd"]) * 1000, "bckd_min_ms": min(times["bckd"]) * 1000}
+    if "bckd_stride4" in med:
+        out.update(bckd_stride4_ms=med["bckd_stride4"],
+                   ratio_stride4=med["bckd_stride4"] / med["kd"])
+    return out
 
 
 def peak_memory_child(args) -> None:
@@ -112,6 +120,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--stride4-time", action="store_true",
+                    help="also time a BCKD step at feature stride 4 (the ablation's variant)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -120,6 +130,9 @@ def main() -> None:
     print(f"step time ({timing['device']}, amp {timing['amp']}, {timing['threads']} threads, "
           f"batch {args.batch}, {args.size}²): KD {timing['kd_ms']:.1f} ms, "
           f"BCKD {timing['bckd_ms']:.1f} ms -> ratio {timing['ratio']:.3f} (target <= 1.25)")
+    if "ratio_stride4" in timing:
+        print(f"BCKD at feature stride 4: {timing['bckd_stride4_ms']:.1f} ms -> ratio "
+              f"{timing['ratio_stride4']:.3f} to KD")
     context_only = {"boundary_weight": 0.0}
     base = peak_memory(args, "kd", {})
     s8 = peak_memory(args, "bckd", {"bckd": dict(context_only, feature_stride=8)})

@@ -138,9 +138,9 @@ class RunConfig:
     teacher: ModelConfig = field(
         default_factory=lambda: ModelConfig(backbone="resnet18", head="deeplabv3plus", width=0.5)
     )
-    teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=25))
+    teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20))
     student: ModelConfig = field(default_factory=lambda: ModelConfig(width=0.25))
-    student_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20))
+    student_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=16))
     methods: tuple[str, ...] = ("none", "kd", "bckd")
     # Per-loss options (see KDConfig.options), applied to every method that contains the loss.
     kd_options: dict[str, dict[str, Any]] = field(default_factory=dict)

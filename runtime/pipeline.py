@@ -144,6 +144,7 @@ def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
                           for k, v in acc["per_class_iou"].items()},
         "latency_ms": {k: round(stats[k], 3) for k in ("p50", "p90", "p99", "mean", "std",
                                                        "min", "max")},
+        "latency_histogram": stats["histogram"],
         "fps": round(stats["fps"], 1), "batch": cfg.profile.batch, "iterations": stats["n"],
         "stages_ms": {name: {k: round(st.to_dict()[k], 3) for k in ("p50", "p90", "mean")}
                       for name, st in pipe.stages.items()},

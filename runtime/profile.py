@@ -47,6 +47,7 @@ MAX_WARMUP_CALLS = 1000
 P999_MIN_SAMPLES = 1000  # p99.9 from fewer samples would be (close to) the maximum
 DEFAULT_CV_THRESHOLD = 0.1
 PERCENTILES = (50, 90, 95, 99)
+HISTOGRAM_BINS = 40
 STAGES = ("preprocess", "inference", "postprocess", "end_to_end")
 
 
@@ -172,6 +173,7 @@ class LatencyStats:
     warmup_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
     protocol: dict[str, Any] = field(default_factory=dict)
+    histogram: dict[str, list] = field(default_factory=dict)
     context: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -208,7 +210,7 @@ class LatencyStats:
             total_s=total_s, warmup=warm.calls, batch=batch, mode=mode,
             warmup_settled=warm.settled, warmup_s=warm.seconds,
             warnings=warm.warnings(proto.warmup) + list(warnings) + cv_warnings,
-            protocol=proto.to_dict(), context=dict(context or {}),
+            protocol=proto.to_dict(), histogram=histogram(ms), context=dict(context or {}),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,6 +220,20 @@ class LatencyStats:
         out["unit"] = "ms"
         out.update(d["context"])
         return out
+
+
+def histogram(ms: np.ndarray, max_bins: int = HISTOGRAM_BINS) -> dict[str, list]:
+    """Every sample binned over [min, max] (none dropped): ``edges_ms`` (bins + 1) and ``counts``.
+
+    The distribution travels with the figures (report.html draws it) at a fixed, small size;
+    about ten samples per bin, 5 to ``max_bins`` bins.
+    """
+    bins = int(min(max_bins, max(5, len(ms) // 10)))
+    lo, hi = float(ms.min()), float(ms.max())
+    if hi <= lo:
+        hi = lo + 1e-6
+    counts, edges = np.histogram(ms, bins=bins, range=(lo, hi))
+    return {"edges_ms": [round(float(e), 6) for e in edges], "counts": counts.tolist()}
 
 
 def _stability(mean: float, std: float, n: int,

@@ -31,6 +31,8 @@ Schema (``schema_version`` 2; later versions add fields and rows, never rename):
   lhd             local Hausdorff distance to the ground-truth boundaries (r = 5), in pixels
   per_class_iou   {class: IoU in percent, or null when the class is absent}
   latency_ms      {p50, p90, p99, mean, std, min, max} in milliseconds, batch ``batch``
+  latency_histogram {edges_ms, counts}: every timed call binned over [min, max] (none
+                  dropped), the distribution behind ``latency_ms``. Added in version 2.
   fps             images per second from the mean latency
   stages_ms       {preprocess, inference, postprocess, end_to_end: {p50, p90, mean}} in ms:
                   decoded validation images resized and normalised, run, and turned into label

@@ -160,6 +160,7 @@ def _latency_lane(row: dict[str, Any], colour: str, sx: _Scale, y: float, left: 
          f"<title>{html.escape(row_label(row))}: {tip} ms</title>",
          f'<text class="lane-label" x="{left - 8}" y="{_num(y + 4)}" text-anchor="end">'
          f"{html.escape(row_label(row))}</text>",
+         *_histogram_bars(row.get("latency_histogram"), colour, sx, y),
          _seg("whisker", sx(lo), y, sx(hi), y)]
     e += [_seg("whisker", sx(v), y - 5, sx(v), y + 5) for v in (lo, hi)]
     e.append(f'<rect class="box" x="{_num(sx(p50))}" y="{_num(y - 7)}" '
@@ -172,6 +173,23 @@ def _latency_lane(row: dict[str, Any], colour: str, sx: _Scale, y: float, left: 
         e.append(f'<circle class="mean" cx="{_num(sx(s["mean"]))}" cy="{_num(y + 10)}" r="2.5"/>')
     e.append("</g>")
     return "\n".join(e)
+
+
+def _histogram_bars(hist: dict[str, list] | None, colour: str, sx: _Scale, y: float,
+                    half: float = 12.0) -> list[str]:
+    """The row's sample histogram as a violin-like strip behind its box (tallest bin: ±half)."""
+    if not hist or not hist.get("counts"):
+        return []
+    edges, counts = hist["edges_ms"], hist["counts"]
+    top = max(counts) or 1
+    bars = []
+    for a, b, c in zip(edges, edges[1:], counts):
+        if c:
+            h = max(half * c / top, 0.75)
+            bars.append(f'<rect class="hist-bar" x="{_num(sx(a))}" y="{_num(y - h)}" '
+                        f'width="{_num(max(sx(b) - sx(a), 0.5))}" height="{_num(2 * h)}" '
+                        f'fill="{colour}"><title>{a:.3f}-{b:.3f} ms: {c} calls</title></rect>')
+    return bars
 
 
 # -- accuracy vs latency ---------------------------------------------------------------------
@@ -426,7 +444,7 @@ dl.summary dt{font-weight:600}dl.summary dd{margin:0}
 .plot text{font-size:11px;fill:#333}.plot .axis-label{font-size:12px}
 .plot .point-label,.plot .lane-label{paint-order:stroke;stroke:#fff;stroke-width:3px}
 .plot .axis{stroke:#333}.plot .grid{stroke:#e4e4e4}
-.plot .whisker{stroke:#555;stroke-width:1.2}.plot .box{opacity:.75;stroke:#333}
+.plot .hist-bar{opacity:.28}.plot .whisker{stroke:#555;stroke-width:1.2}.plot .box{opacity:.75;stroke:#333}
 .plot .median{stroke:#000;stroke-width:2.2}.plot .p99{stroke:#c00;stroke-width:2}
 .plot .std{stroke:#777;stroke-width:1}.plot .mean{fill:#000}
 .plot .leader{stroke:#999;stroke-width:.8}

@@ -98,7 +98,7 @@ def test_to_dict_keys() -> None:
     assert {"n", "mean", "std", "min", "max", "p50", "p90", "p99", "fps", "total_s", "warmup",
             "batch"} <= d.keys()
     assert {"p95", "p99_9", "p99_9_note", "cv", "stable", "warnings", "mode", "warmup_settled",
-            "warmup_s", "protocol"} <= d.keys()
+            "warmup_s", "protocol", "histogram"} <= d.keys()
     assert d["mode"] == "latency" and d["protocol"]["trimming"] == "none"
     assert d["mean"] == pytest.approx(1.5) and d["unit"] == "ms" and d["backend"] == "x"
 
@@ -194,6 +194,17 @@ def test_an_outlier_is_kept_not_trimmed() -> None:
     assert stats.warmup == warm and stats.n == 1000
     assert stats.max_ms == 1000.0 and stats.mean_ms == pytest.approx((999 + 1000) / 1000)
     assert stats.p50_ms == 1.0 and not stats.stable  # one 1 s call in 1000 makes cv ~ 16
+    hist = stats.histogram  # the outlier is in the distribution too, in the last bin
+    assert sum(hist["counts"]) == 1000 and len(hist["counts"]) == 40
+    assert hist["counts"][0] == 999 and hist["counts"][-1] == 1
+    assert hist["edges_ms"][0] == 1.0 and hist["edges_ms"][-1] == 1000.0
+
+
+def test_histogram_bins_scale_with_the_samples() -> None:
+    s = LatencyStats.from_times([0.001, 0.002, 0.002], total_s=0.005)
+    assert len(s.histogram["counts"]) == 5 and sum(s.histogram["counts"]) == 3
+    flat = LatencyStats.from_times([0.002] * 4, total_s=0.008).histogram  # zero spread
+    assert sum(flat["counts"]) == 4 and flat["edges_ms"][0] == 2.0
 
 
 def test_p99_9_needs_a_thousand_samples() -> None:

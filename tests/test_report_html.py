@@ -30,9 +30,11 @@ VOID = {"meta", "img", "br", "hr", "link", "input", "source"}
 def make_row(model, method, backend, precision, miou, p50):
     lat = {"p50": p50, "p90": p50 * 1.1, "p99": p50 * 1.3, "mean": p50 * 1.05,
            "std": p50 * 0.05, "min": p50 * 0.9, "max": p50 * 1.5}
+    hist = {"edges_ms": [p50 * (0.9 + 0.12 * k) for k in range(6)], "counts": [3, 30, 10, 0, 1]}
     return {"model": model, "method": method, "arch": "resnet18-pspnet-w0.25", "backend": backend,
             "precision": precision, "miou": miou, "boundary_f": 50.0, "lhd": 1.2,
-            "latency_ms": lat, "fps": 1000 / lat["mean"], "size_mb": 1.0}
+            "latency_ms": lat, "latency_histogram": hist, "fps": 1000 / lat["mean"],
+            "size_mb": 1.0}
 
 
 ROWS = [make_row("teacher", "none", "onnxruntime", "fp32", 70.0, 20.0),
@@ -170,6 +172,8 @@ def test_page_has_the_three_figures(page):
     assert svg_ids == ["latency-plot", "pareto-plot"]
     lanes = [a for t, a in tags if t == "g" and "latency-row" in classes(a)]
     assert len(lanes) == len(ROWS)
+    bars = [a for t, a in tags if t == "rect" and "hist-bar" in classes(a)]
+    assert len(bars) == 4 * len(ROWS)  # the empty bin draws nothing
     points = [a for t, a in tags if t == "g" and "point" in classes(a)]
     assert len(points) == len(ROWS)
     assert sum("on-front" in classes(a) for a in points) == 3

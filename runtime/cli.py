@@ -197,7 +197,31 @@ def _open(args: argparse.Namespace):
         value = getattr(args, name, None)
         if value:
             options[name] = value
+    providers, ep_options = getattr(args, "providers", None), getattr(args, "ep_option", None)
+    if (providers or ep_options) and args.backend != "onnxruntime":
+        raise BckdError("--providers and --ep-option are for --backend onnxruntime; other "
+                        "backends take --device / --precision / --hint")
+    if ep_options and not providers:
+        raise BckdError("--ep-option sets options of the first of --providers; name the "
+                        "providers too, e.g. --providers cuda,cpu --ep-option device_id=0")
+    if providers:
+        names = [ORT_PROVIDERS.get(p.strip().lower(), p.strip()) for p in providers.split(",")]
+        options["providers"] = names
+        first = {}
+        for item in ep_options or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise BckdError(f"--ep-option takes KEY=VALUE, got '{item}'")
+            first[key] = value
+        options["provider_options"] = [first] + [{} for _ in names[1:]]
     return open_runner(args.backend, args.model, **options)
+
+
+# Short names for --providers (any full onnxruntime provider name is taken as is).
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                 "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+                 "openvino": "OpenVINOExecutionProvider", "dml": "DmlExecutionProvider",
+                 "coreml": "CoreMLExecutionProvider"}
 
 
 def _write_json(path: str | None, obj: dict, force: bool) -> None:
@@ -354,6 +378,12 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", help="inference precision of backends that take one "
                    "(openvino: f32, bf16, f16; default f32)")
     p.add_argument("--hint", help="openvino performance hint: latency or throughput")
+    p.add_argument("--providers", help="onnxruntime execution providers in order of preference, "
+                   "e.g. tensorrt,cuda,cpu (default cpu); a provider that fails to start is an "
+                   "error, never a silent fallback")
+    p.add_argument("--ep-option", action="append", metavar="KEY=VALUE",
+                   help="option of the first provider, repeatable (e.g. device_id=0, "
+                   "trt_fp16_enable=True, trt_engine_cache_enable=True)")
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 

@@ -110,3 +110,18 @@ def test_pipeline_mode_needs_data_and_data_needs_pipeline_mode(work, capsys):
         rc = main(["profile", str(work / "fp32.onnx"), *argv])
         err = capsys.readouterr().err.strip()
         assert rc == 1 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_onnxruntime_providers_and_their_options(work, capsys):
+    out = run_json(["profile", work / "fp32.onnx", "--providers", "cpu", "--iters", 5,
+                    "--min-seconds", 0], capsys)
+    assert out["device"] == "cpu"
+    for argv, needle in (
+        (["--providers", "cuda"], "CUDAExecutionProvider"),  # not in this CPU build of ORT
+        (["--ep-option", "device_id=0"], "name the providers too"),
+        (["--providers", "cpu", "--ep-option", "device_id"], "KEY=VALUE"),
+        (["--backend", "openvino", "--providers", "cpu"], "--backend onnxruntime"),
+    ):
+        rc = main(["profile", str(work / "fp32.onnx"), *argv])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and len(err.splitlines()) == 1 and needle in err, err

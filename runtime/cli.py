@@ -287,8 +287,6 @@ def cmd_profile(args: argparse.Namespace) -> None:
     if args.backend == "trtexec":
         return _profile_trtexec(args)
     card = read_card(args.model)
-    h, w = args.size or tuple(card["preprocess"]["size"])
-    x = np.random.default_rng(0).standard_normal((args.batch, 3, h, w), dtype=np.float32)
     protocol = dict(warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds,
                     max_seconds=args.max_seconds, cv_threshold=args.cv_threshold)
     if (args.mode == "pipeline") != bool(args.data):
@@ -296,6 +294,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
                         "only with --mode pipeline)")
     if args.mode == "pipeline":
         return _profile_pipeline(args, card, protocol)
+    h, w = args.size or tuple(card["preprocess"]["size"])
+    x = np.random.default_rng(0).standard_normal((args.batch, 3, h, w), dtype=np.float32)
     with _open(args) as runner:
         if args.mode == "throughput":
             from runtime.profile import profile_throughput
@@ -331,9 +331,8 @@ def _profile_pipeline(args: argparse.Namespace, card: dict, protocol: dict) -> N
                         "--requests")
     if args.images < 1:
         raise BckdError(f"--images must be at least 1, got {args.images}")
-    pre = Preprocess.from_dict(card["preprocess"])
-    if args.size:
-        pre = Preprocess.from_dict(dict(card["preprocess"], size=list(args.size)))
+    size = list(args.size) if args.size else card["preprocess"]["size"]
+    pre = Preprocess.from_dict(dict(card["preprocess"], size=size))
     data = open_dataset(args.data, args.split, format=args.format)
     images = [data.load(i)[0] for i in range(min(len(data), args.images))]
     with _open(args) as runner:

@@ -101,17 +101,16 @@ def measure(backend: str, model: Path, data: Path, out: Path, threads: int,
             curve.append((round(time.perf_counter() - start, 1), s["VmRSS"]))
             hwm = max(hwm, s.get("VmHWM", 0))
         time.sleep(interval)
-    proc.returncode = os.waitstatus_to_exitcode(wstatus)
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
+    if os.waitstatus_to_exitcode(wstatus) != 0:
         sys.exit(f"bckd eval failed ({backend}):\n{log.read_text()[-3000:]}")
     maxrss = usage.ru_maxrss
     result = json.loads(out.read_text())
     tenth = [kib for t, kib in curve if t <= seconds / 10] or [curve[0][1]]
     peak = max(hwm, maxrss, max(kib for _, kib in curve))
     return {
-        "backend": backend, "model": str(model), "images": None, "seconds": round(seconds, 1),
-        "images_per_s": None,
+        "backend": backend, "model": str(model), "images": result["images"],
+        "seconds": round(seconds, 1), "images_per_s": round(result["images"] / seconds, 2),
         "peak_rss_mib": round(peak / 1024, 1),
         "ru_maxrss_mib": round(maxrss / 1024, 1),
         "rss_after_first_10pct_mib": round(max(tenth) / 1024, 1),
@@ -138,8 +137,6 @@ def main() -> None:
     for backend in args.backends:
         row = measure(backend, paths[backend], paths["data"], work / f"eval-{backend}.json",
                       args.threads, args.interval)
-        row["images"] = args.images
-        row["images_per_s"] = round(args.images / row["seconds"], 2)
         rows.append(row)
         print(f"{backend}: peak RSS {row['peak_rss_mib']} MiB (first 10 %: "
               f"{row['rss_after_first_10pct_mib']}, end: {row['rss_at_end_mib']}), "

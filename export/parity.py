@@ -11,6 +11,9 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+# The semantic comparison lives with its task (torch-free); re-exported here for callers.
+from runtime.tasks.semantic import argmax_agreement, compare_output  # noqa: F401
+
 Outputs = Mapping[str, np.ndarray]
 ModelFn = Callable[[np.ndarray], Outputs]
 
@@ -28,37 +31,6 @@ def random_input(
     """A seeded standard-normal NCHW float32 batch (the range of mean/std-normalised images)."""
     rng = np.random.default_rng(seed)
     return rng.standard_normal((batch, channels, *size), dtype=np.float32)
-
-
-def compare_output(
-    reference: np.ndarray, candidate: np.ndarray, tol: float, min_agreement: float | None = None
-) -> dict:
-    """Differences of one output; ``ok`` when shapes agree, max |diff| <= tol (NaN fails) and,
-    with ``min_agreement``, the argmax agreement is at least that fraction."""
-    if reference.shape != candidate.shape:
-        return {
-            "ok": False, "tol": tol, "error": "shape mismatch",
-            "reference_shape": list(reference.shape), "candidate_shape": list(candidate.shape),
-        }
-    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
-    max_abs = float(diff.max()) if diff.size else 0.0
-    agreement = argmax_agreement(reference, candidate)
-    agrees = min_agreement is None or agreement is None or agreement >= min_agreement
-    return {
-        "max_abs_diff": max_abs,
-        "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
-        "argmax_agreement": agreement,
-        "tol": tol,
-        "ok": bool(max_abs <= tol and agrees),  # False for NaN, which compares unequal to everything
-    }
-
-
-def argmax_agreement(reference: np.ndarray, candidate: np.ndarray) -> float | None:
-    """Fraction of pixels whose class (argmax over axis 1, NCHW logits) agrees; None if no class axis."""
-    if reference.ndim < 2:
-        return None
-    same = reference.argmax(axis=1) == candidate.argmax(axis=1)
-    return float(same.mean())
 
 
 def check_parity(

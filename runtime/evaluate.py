@@ -1,49 +1,52 @@
 """Accuracy of any backend over a dataset split, accumulated as it streams.
 
 Images are read, preprocessed with the model card's preprocessing (the one path in
-:mod:`runtime.data.preprocess`) and scored into a confusion matrix one batch at a time, so memory
-stays bounded whatever the split size.
+:mod:`runtime.data.preprocess`), run, turned into predictions and scored by the card's task
+(:mod:`runtime.tasks`) one batch at a time, so memory stays bounded whatever the split size.
 """
 from __future__ import annotations
 
 import time
 from typing import Any, Callable
 
-import numpy as np
-
 from runtime.data.preprocess import Preprocess
-from runtime.predictions import PredictionWriter, Scores
+from runtime.tasks import get_task
+from runtime.tasks.base import Task
 
 
-def evaluate_runner(runner, dataset, preprocess: Preprocess, classes: list[str],
+def evaluate_runner(runner, dataset, preprocess: Preprocess, classes: list[str] | None = None,
                     batch_size: int = 1,
                     progress: Callable[[int, int], None] | None = None,
-                    writer: PredictionWriter | None = None) -> dict[str, Any]:
-    """mIoU, pixel accuracy, per-class IoU and boundary metrics of ``runner`` on ``dataset``.
+                    writer: Any | None = None, task: Task | None = None) -> dict[str, Any]:
+    """The task's scores of ``runner`` on ``dataset`` (the runner's card decides the task).
 
-    Scores are fractions, except ``lhd`` (pixels); the boundary metrics (boundary F, boundary IoU,
-    LHD, against the ground truth) are those of :class:`runtime.boundary.BoundaryMeter`. A model
-    calibrated on any image of ``dataset`` is refused (architecture.md rule 5). With ``writer``
-    each predicted label map is also saved, for scoring elsewhere (:mod:`runtime.predictions`).
+    Semantic: mIoU, pixel accuracy, per-class IoU and boundary metrics (fractions, except
+    ``lhd`` in pixels). Detect / instance: COCO box (and mask, boundary) AP. A model calibrated
+    on any image of ``dataset`` is refused (architecture.md rule 5). With ``writer`` each
+    prediction is also saved, for scoring elsewhere (:mod:`runtime.predictions`).
     """
     _refuse_calibration_images(runner, dataset)
-    scores = Scores(classes, preprocess.ignore_index)
+    card = dict(getattr(runner, "card", None) or {})
+    if classes is not None:
+        card["classes"] = list(classes)
+    task = task or get_task(card)
+    meter = task.meter(dataset, preprocess, card)
     start = time.perf_counter()
     n = len(dataset)
     for lo in range(0, n, batch_size):
         idx = range(lo, min(lo + batch_size, n))
-        pairs = [dataset.load(i) for i in idx]
-        x = preprocess.batch([img for img, _ in pairs])
-        pred = np.argmax(runner.infer(x), axis=1)
-        scores.update(pred, np.stack([preprocess.mask(m) for _, m in pairs]))
+        samples = [dataset.load(i) for i in idx]
+        x = preprocess.batch([img for img, _ in samples])
+        predictions = task.postprocess(runner.run(x), card, preprocess, samples)
+        meter.update(idx, predictions, samples)
         if writer is not None:
-            for i, p in zip(idx, pred):
+            for i, p in zip(idx, predictions):
                 writer.write(str(dataset.ids[i]), p)
         if progress:
             progress(idx[-1] + 1, n)
     if writer is not None:
         writer.close()
-    return dict(scores.summary(), seconds=round(time.perf_counter() - start, 3))
+    return dict(meter.summary(), seconds=round(time.perf_counter() - start, 3))
 
 
 def _refuse_calibration_images(runner, dataset) -> None:

@@ -24,6 +24,17 @@ from runtime.errors import BckdError
 from runtime.registry import Registry, check_known
 
 LOSSES: Registry = Registry("distillation method")
+# Detectors (detect and instance tasks) have their own methods: 'kd' there is logit KD on the
+# classification head, 'cwd' works on FPN levels, and so on (distill.losses.det_kd).
+DETECT_LOSSES: Registry = Registry("detection distillation method")
+REGISTRIES = {"semantic": LOSSES, "detect": DETECT_LOSSES, "instance": DETECT_LOSSES}
+
+
+def loss_registry(task: str = "semantic") -> Registry:
+    """The loss registry of ``task`` ('semantic', 'detect' or 'instance')."""
+    if task not in REGISTRIES:
+        raise BckdError(f"unknown task '{task}' (valid: {', '.join(REGISTRIES)})")
+    return REGISTRIES[task]
 
 
 @dataclass
@@ -46,6 +57,16 @@ class DistillInputs:
     teacher_decoder: torch.Tensor | None = None
     epoch: int = 0
     epochs: int = 1
+    # Detectors (task 'detect' / 'instance'); logits above are then the flattened per-prior
+    # classification logits [B, N, C] and target is None.
+    input_size: tuple[int, int] | None = None  # (H, W) of the network input
+    student_fpn: list[torch.Tensor] = field(default_factory=list)  # FPN levels P3..
+    teacher_fpn: list[torch.Tensor] = field(default_factory=list)
+    student_reg: torch.Tensor | None = None  # GFL: [B, N, 4, reg_max + 1] distribution logits
+    teacher_reg: torch.Tensor | None = None
+    priors: torch.Tensor | None = None  # [N, 4] xyxy prior boxes in input pixels
+    strides: torch.Tensor | None = None  # [N] stride of each prior
+    det_targets: list[dict[str, Any]] | None = None  # per image {"boxes", "labels", "masks"}
 
 
 @dataclass(frozen=True)
@@ -60,11 +81,24 @@ class LossContext:
     teacher_decoder_channels: int = 128
     num_classes: int = 7
     ignore_index: int = 255
+    student_fpn_channels: int = 0  # detectors: channels of every FPN level (0: not a detector)
+    teacher_fpn_channels: int = 0
+    reg_max: int = 0  # GFL: bins - 1 of the distribution head (0: none)
 
     @classmethod
     def from_models(cls, student: nn.Module, teacher: nn.Module, ignore_index: int = 255
                     ) -> "LossContext":
-        """The context of two :class:`~distill.models.Segmentor` s."""
+        """The context of two :class:`~distill.models.Segmentor` s (or two detectors)."""
+        if hasattr(student, "fpn_channels"):
+            return cls(
+                student_channels=tuple(i["num_chs"] for i in student.feature_info),
+                teacher_channels=tuple(i["num_chs"] for i in teacher.feature_info),
+                student_reductions=tuple(i["reduction"] for i in student.feature_info),
+                teacher_reductions=tuple(i["reduction"] for i in teacher.feature_info),
+                num_classes=student.num_classes, ignore_index=ignore_index,
+                student_fpn_channels=student.fpn_channels,
+                teacher_fpn_channels=teacher.fpn_channels,
+                reg_max=int(getattr(student, "reg_max", 0) or 0))
         return cls(
             student_channels=tuple(i["num_chs"] for i in student.feature_info),
             teacher_channels=tuple(i["num_chs"] for i in teacher.feature_info),
@@ -75,15 +109,16 @@ class LossContext:
             num_classes=student.arch["num_classes"], ignore_index=ignore_index)
 
 
-def loss_options(name: str) -> list[str]:
-    """The option names the loss ``name`` accepts (``weight`` included)."""
-    params = inspect.signature(LOSSES.get(name)).parameters
+def loss_options(name: str, task: str = "semantic") -> list[str]:
+    """The option names the loss ``name`` of ``task`` accepts (``weight`` included)."""
+    params = inspect.signature(loss_registry(task).get(name)).parameters
     return ["weight", *(p for p in params if p != "ctx")]
 
 
-def build_loss(name: str, ctx: LossContext | None = None, **options: Any) -> nn.Module:
-    """Build the loss registered as ``name``; a misspelt option is a one-line user error."""
-    cls = LOSSES.get(name)
+def build_loss(name: str, ctx: LossContext | None = None, *, task: str = "semantic",
+               **options: Any) -> nn.Module:
+    """Build the loss registered as ``name`` for ``task``; a misspelt option is a user error."""
+    cls = loss_registry(task).get(name)
     params = inspect.signature(cls).parameters
     check_known(options, [p for p in params if p != "ctx"], "option",
                 f" for distillation method '{name}'")
@@ -95,7 +130,8 @@ def build_loss(name: str, ctx: LossContext | None = None, **options: Any) -> nn.
         raise BckdError(f"distillation method '{name}': {exc}") from exc
 
 
-def method_names(method: str, options: dict[str, dict[str, Any]] | None = None) -> list[str]:
+def method_names(method: str, options: dict[str, dict[str, Any]] | None = None,
+                 task: str = "semantic") -> list[str]:
     """The loss names of ``method`` ('none', one name, or names joined by '+'), checked.
 
     Unknown names, repeated names, options for a loss the method lacks and misspelt option names
@@ -104,24 +140,28 @@ def method_names(method: str, options: dict[str, dict[str, Any]] | None = None) 
     names = [] if method == "none" else [n.strip() for n in method.split("+")]
     if len(set(names)) != len(names):
         raise BckdError(f"method '{method}' names a loss twice; list each once")
+    registry = loss_registry(task)
     for name in names:
-        LOSSES.get(name)
+        registry.get(name)
     for key, opts in (options or {}).items():
         if key not in names:
             raise BckdError(f"kd.options has settings for '{key}', which is not part of method "
                             f"'{method}'; add it to the method or remove its options")
-        check_known(opts or {}, loss_options(key), "option", f" for distillation method '{key}'")
+        check_known(opts or {}, loss_options(key, task), "option",
+                    f" for distillation method '{key}'")
     return names
 
 
 def build_losses(method: str, options: dict[str, dict[str, Any]] | None = None,
-                 ctx: LossContext | None = None) -> dict[str, tuple[nn.Module, float]]:
+                 ctx: LossContext | None = None, task: str = "semantic",
+                 ) -> dict[str, tuple[nn.Module, float]]:
     """The named, weighted losses of ``method`` ('none', one name, or names joined by '+')."""
     options = dict(options or {})
-    names = method_names(method, options)
+    names = method_names(method, options, task)
+    registry = loss_registry(task)
     losses = {}
     for name in names:
         opts = dict(options.get(name) or {})
-        weight = float(opts.pop("weight", getattr(LOSSES.get(name), "default_weight", 1.0)))
-        losses[name] = (build_loss(name, ctx, **opts), weight)
+        weight = float(opts.pop("weight", getattr(registry.get(name), "default_weight", 1.0)))
+        losses[name] = (build_loss(name, ctx, task=task, **opts), weight)
     return losses

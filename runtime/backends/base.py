@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -101,12 +101,38 @@ class Runner(abc.ABC):
             self._active = False
 
     # -- inference -----------------------------------------------------------------------------
-    def infer(self, x: np.ndarray, *, check: bool = True) -> np.ndarray:
-        """Run the model on ``x`` (NCHW); ``check=False`` skips validation for timed loops."""
+    def run(self, x: np.ndarray, *, check: bool = True) -> dict[str, np.ndarray]:
+        """Every output of the model on ``x`` (NCHW), by output name, in the model's order.
+
+        ``check=False`` skips validation for timed loops.
+        """
         self._require_active()
         if check:
             self.check_input(x)
-        return self._run(x)
+        return self._run_named(x)
+
+    def infer(self, x: np.ndarray, *, check: bool = True) -> np.ndarray:
+        """The model's first (for a segmentor: only) output on ``x``; all outputs are computed."""
+        self._require_active()
+        if check:
+            self.check_input(x)
+        if len(self.output_names) == 1:
+            return self._run(x)
+        return self._run_named(x)[self.output_names[0]]
+
+    @property
+    def output_names(self) -> list[str]:
+        """The model's output names in order; valid once active."""
+        self._require_active()
+        return list(self._output_names())
+
+    def _output_names(self) -> Sequence[str]:
+        """Single-output backends name their one output ``output``."""
+        return ("output",)
+
+    def _run_named(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """All outputs by name; single-output backends wrap :meth:`_run`."""
+        return {self.output_names[0]: self._run(x)}
 
     def check_input(self, x: np.ndarray) -> None:
         """Raise a one-line BckdError if ``x`` does not fit the model input."""

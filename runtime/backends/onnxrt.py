@@ -40,7 +40,7 @@ DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 @BACKENDS.register("onnxruntime")
 class OnnxRuntimeRunner(Runner):
-    """Runs a single-input, single-output ONNX model with ONNX Runtime."""
+    """Runs a single-input ONNX model (one or several outputs) with ONNX Runtime."""
 
     backend = "onnxruntime"
     concurrent_infer = True  # InferenceSession.run is thread-safe and releases the GIL
@@ -77,7 +77,7 @@ class OnnxRuntimeRunner(Runner):
         self.device = _device_name(self.providers[0], (self.provider_options or [{}])[0])
         self._session: Any = None
         self._input: InputSpec | None = None
-        self._output_name = ""
+        self._outputs: list[str] = []
 
     @property
     def input_spec(self) -> InputSpec:
@@ -90,7 +90,7 @@ class OnnxRuntimeRunner(Runner):
         self._check_providers_available(ort)
         self._session = self._create_session(ort)
         self._check_providers_active()
-        self._input, self._output_name = _single_io(self._session, self.artifact.name)
+        self._input, self._outputs = _io(self._session, self.artifact.name)
 
     def _create_session(self, ort: Any) -> Any:
         opts = ort.SessionOptions()
@@ -138,10 +138,18 @@ class OnnxRuntimeRunner(Runner):
         self._session = None
         self._input = None
 
+    def _output_names(self) -> list[str]:
+        return self._outputs
+
     def _run(self, x: np.ndarray) -> np.ndarray:
         assert self._input is not None
         feed = {self._input.name: np.ascontiguousarray(x)}
-        return self._session.run([self._output_name], feed)[0]
+        return self._session.run(self._outputs[:1], feed)[0]
+
+    def _run_named(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        assert self._input is not None
+        feed = {self._input.name: np.ascontiguousarray(x)}
+        return dict(zip(self._outputs, self._session.run(self._outputs, feed)))
 
 
 def _ort_load_errors() -> tuple[type[BaseException], ...]:
@@ -159,20 +167,20 @@ def _load_reason(exc: BaseException) -> str:
     return line.split("failed:", 1)[1].strip() if "failed:" in line else line
 
 
-def _single_io(session: Any, artifact_name: str) -> tuple[InputSpec, str]:
-    """The input spec and output name of a single-input, single-output session."""
+def _io(session: Any, artifact_name: str) -> tuple[InputSpec, list[str]]:
+    """The input spec and the output names of a single-input session."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    if len(inputs) != 1 or len(outputs) != 1:
+    if len(inputs) != 1 or not outputs:
         raise BckdError(
             f"{artifact_name} has {len(inputs)} inputs and {len(outputs)} outputs; "
-            "bckd runs single-input, single-output models (image -> logits)"
+            "bckd runs single-input models (an image batch in; logits, or detections, out)"
         )
     inp = inputs[0]
     if inp.type not in _ORT_DTYPES:
         raise BckdError(f"{artifact_name} input '{inp.name}' has unsupported type {inp.type}")
     # ORT reports symbolic dims as strings (or None when unnamed).
     shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape)
-    return InputSpec(inp.name, shape, np.dtype(_ORT_DTYPES[inp.type])), outputs[0].name
+    return InputSpec(inp.name, shape, np.dtype(_ORT_DTYPES[inp.type])), [o.name for o in outputs]
 
 
 def _device_name(provider: str, options: dict[str, Any]) -> str:

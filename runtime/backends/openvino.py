@@ -33,7 +33,7 @@ DEVICES = ("CPU", "GPU", "NPU")
 
 @BACKENDS.register("openvino")
 class OpenVinoRunner(Runner):
-    """Runs a single-input, single-output IR or ONNX model with OpenVINO on one device."""
+    """Runs a single-input IR or ONNX model (one or several outputs) with OpenVINO on one device."""
 
     backend = "openvino"
 
@@ -66,6 +66,7 @@ class OpenVinoRunner(Runner):
         self._held: tuple | None = None  # the last input Tensor and the array it wraps
         self._queue: Any = None
         self._input: InputSpec | None = None
+        self._outputs: list[str] = []
 
     @property
     def input_spec(self) -> InputSpec:
@@ -78,7 +79,8 @@ class OpenVinoRunner(Runner):
         core = ov.Core()
         self._check_device_available(core)
         model = self._read(core)
-        self._input = _single_io(model, self.artifact.name)
+        self._input = _input_of(model, self.artifact.name)
+        self._outputs = _output_names(model)
         self.quantized = any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
         self._compiled = self._compile(core, model)
         self._read_back()
@@ -165,6 +167,15 @@ class OpenVinoRunner(Runner):
         self._request.set_input_tensor(tensor)
         self._request.infer()
         return self._request.get_output_tensor(0).data.copy()
+
+    def _output_names(self) -> list[str]:
+        return self._outputs
+
+    def _run_named(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        first = self._run(x)  # keeps the input referenced as _run explains
+        rest = {name: self._request.get_output_tensor(i).data.copy()
+                for i, name in enumerate(self._outputs) if i}
+        return {self._outputs[0]: first, **rest}
 
     def infer_async(self, batches: Sequence[np.ndarray], *, check: bool = True) -> list[np.ndarray]:
         """Run ``batches`` concurrently on an ``AsyncInferQueue``; the outputs in input order.
@@ -258,12 +269,12 @@ def _property(compiled: Any, name: str) -> Any:
         return None
 
 
-def _single_io(model: Any, artifact_name: str) -> InputSpec:
-    """The input spec of a single-input, single-output model."""
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
+def _input_of(model: Any, artifact_name: str) -> InputSpec:
+    """The input spec of a single-input model."""
+    if len(model.inputs) != 1 or not model.outputs:
         raise BckdError(
             f"{artifact_name} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
-            "bckd runs single-input, single-output models (image -> logits)"
+            "bckd runs single-input models (an image batch in; logits, or detections, out)"
         )
     port = model.inputs[0]
     shape = port.partial_shape
@@ -271,6 +282,17 @@ def _single_io(model: Any, artifact_name: str) -> InputSpec:
         raise BckdError(f"{artifact_name} input has an unknown rank; re-export it with NCHW input")
     dims = tuple(d.get_length() if d.is_static else None for d in shape)
     return InputSpec(port.any_name, dims, np.dtype(port.element_type.to_dtype()))
+
+
+def _output_names(model: Any) -> list[str]:
+    """Output names in order; an unnamed output is called output<i>."""
+    names = []
+    for i, port in enumerate(model.outputs):
+        try:
+            names.append(port.get_any_name())
+        except RuntimeError:  # OpenVINO raises when a port has no name
+            names.append(f"output{i}")
+    return names
 
 
 def error_reason(exc: BaseException) -> str:

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.losses.base import LOSSES, DistillInputs, LossContext
+from distill.losses.base import DETECT_LOSSES, LOSSES, DistillInputs, LossContext
 from distill.losses.bckd_ops import context_kl, context_mse, pairwise_boundary
 from distill.losses.cwd import channel_wise_kl
 from distill.losses.functional import as_float, check_choice, full_precision
@@ -152,6 +152,9 @@ class AdaptiveTemperature(nn.Module):
             self.tau.mul_(self.factor)
 
 
+# The same loss serves detectors, on their backbone stages (distill.losses.det_kd documents
+# what carries over to them).
+@DETECT_LOSSES.register("bckd")
 @LOSSES.register("bckd")
 class BCKDLoss(nn.Module):
     """r(t)·(λ1·L_bd + λ2·L_cd) on the concatenated backbone features; see the module docstring."""
@@ -203,12 +206,24 @@ class BCKDLoss(nn.Module):
 
     def features(self, inputs: DistillInputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """F^S, F^T and the boundary logits of both at 1/feature_stride of the input."""
-        h, w = inputs.student_logits.shape[-2:]
+        h, w = self.input_size(inputs)
         size = (-(-h // self.feature_stride), -(-w // self.feature_stride))
         fs = self.student_fusion(inputs.student_feats, size)
         with torch.set_grad_enabled(self.teacher_side.mode == "trained" and torch.is_grad_enabled()):
             ft, edge_t = self.teacher_side([t.detach() for t in inputs.teacher_feats], size)
         return fs, ft, self.student_edge(fs), edge_t
+
+    @staticmethod
+    def input_size(inputs: DistillInputs) -> tuple[int, int]:
+        """(H, W) of the network input: ``inputs.input_size`` when set (detectors, whose logits
+        are per prior), else the spatial size of the (B, K, H, W) segmentation logits."""
+        if inputs.input_size is not None:
+            return int(inputs.input_size[0]), int(inputs.input_size[1])
+        if inputs.student_logits.ndim != 4:
+            raise ValueError(f"bckd needs the input size: set DistillInputs.input_size for logits "
+                             f"of shape {tuple(inputs.student_logits.shape)}")
+        h, w = inputs.student_logits.shape[-2:]
+        return int(h), int(w)
 
     @property
     def _detach_teacher(self) -> bool:

@@ -5,6 +5,9 @@ Dataset loaders register in :data:`DATASETS` by format name and are opened with
 ``ignore_index``, ``palette``, ``meta``, ``__len__`` and ``load(i) -> (uint8 HxWx3 RGB, uint8 HxW mask)``.
 Formats: ``folder`` (:mod:`.folder`) and the standard datasets ``voc``, ``cityscapes``, ``ade20k``
 and ``cocostuff10k`` (:mod:`.standard` and one module each).
+
+Detection / instance segmentation: format ``coco`` (:mod:`.coco`), whose ``load(i)`` returns
+``(uint8 HxWx3 RGB, target dict)`` with boxes, labels, iscrowd, area and optional masks.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ DATASETS: Registry[Callable[[str | os.PathLike, str], Any]] = Registry("dataset 
 from runtime.data.preprocess import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
+    BoxTransform,
     Preprocess,
     read_image,
     read_mask,
@@ -28,7 +32,8 @@ from runtime.data.preprocess import (  # noqa: E402
 from runtime.data.folder import FolderDataset, list_splits, write_dataset_meta  # noqa: E402
 from runtime.data.standard import StandardDataset  # noqa: E402
 # Importing a loader module registers its format(s).
-from runtime.data import ade20k, cityscapes, cocostuff, voc  # noqa: E402
+from runtime.data import ade20k, cityscapes, coco, cocostuff, voc  # noqa: E402
+from runtime.data.coco import CocoDataset  # noqa: E402
 
 
 def open_dataset(root: str | os.PathLike, split: str, format: str = "folder") -> Any:
@@ -40,11 +45,14 @@ __all__ = [
     "DATASETS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "BoxTransform",
+    "CocoDataset",
     "FolderDataset",
     "Preprocess",
     "StandardDataset",
     "ade20k",
     "cityscapes",
+    "coco",
     "cocostuff",
     "list_splits",
     "open_dataset",

@@ -4,6 +4,10 @@ Training (through a thin torch wrapper), INT8 calibration and on-device evaluati
 functions, so host and device can never disagree on channel order, resize mode, mean/std or the
 ignore label (architecture.md rule 2). Everything here is numpy + Pillow; Pillow is imported
 lazily so ``import runtime.data`` works with numpy alone.
+
+Two resize modes: ``stretch`` (resize to the input size, the semantic default) and ``letterbox``
+(keep the aspect ratio, image at the top-left, padding that normalises to 0), with
+:class:`BoxTransform` mapping boxes between original and network-input pixels.
 """
 from __future__ import annotations
 
@@ -18,6 +22,10 @@ from runtime.lazy import require
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, 0-255 units
 IMAGENET_STD = (58.395, 57.12, 57.375)
+
+# Preprocess.from_dict keys that may be absent, with the meaning of their absence: cards from
+# before letterbox existed resized by stretching.
+_OPTIONAL_KEYS = {"resize": "stretch"}
 
 # Pillow modes that already hold one class index per pixel.
 _INDEX_MASK_MODES = ("L", "P", "1")
@@ -92,6 +100,57 @@ def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return _resize(mask, size, _pil_image().Resampling.NEAREST)
 
 
+RESIZE_MODES = ("stretch", "letterbox")
+
+
+@dataclass(frozen=True)
+class BoxTransform:
+    """Original-image pixels -> network-input pixels: ``input = orig * s + p`` per axis.
+
+    Boxes are xyxy in continuous pixel coordinates (pixel ``i`` covers ``[i, i + 1)``), the
+    convention Pillow's resize keeps, so a box around a set of pixels still surrounds them after
+    the transform.
+    """
+
+    sx: float
+    sy: float
+    px: float = 0.0
+    py: float = 0.0
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        s = np.array([self.sx, self.sy, self.sx, self.sy], dtype=np.float64)
+        p = np.array([self.px, self.py, self.px, self.py], dtype=np.float64)
+        return s, p
+
+    def to_input(self, boxes: np.ndarray) -> np.ndarray:
+        """float32 [..., 4] xyxy boxes in original pixels -> network-input pixels."""
+        s, p = self._arrays()
+        return (_as_boxes(boxes) * s + p).astype(np.float32)
+
+    def to_original(self, boxes: np.ndarray, clip_hw: Sequence[int] | None = None) -> np.ndarray:
+        """float32 [..., 4] xyxy boxes in network-input pixels -> original pixels.
+
+        With ``clip_hw`` = (h0, w0) they are clipped to the original image: a box reaching into
+        the letterbox padding lands outside it, and clipping pulls it back onto the border.
+        """
+        s, p = self._arrays()
+        out = (_as_boxes(boxes) - p) / s
+        if clip_hw is not None:
+            h0, w0 = clip_hw
+            out = np.clip(out, 0.0, np.array([w0, h0, w0, h0], dtype=np.float64))
+        return out.astype(np.float32)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"sx": float(self.sx), "sy": float(self.sy), "px": float(self.px), "py": float(self.py)}
+
+
+def _as_boxes(boxes: np.ndarray) -> np.ndarray:
+    arr = np.asarray(boxes, dtype=np.float64)
+    if arr.shape[-1:] != (4,):
+        raise ValueError(f"expected boxes of shape [..., 4] (x1, y1, x2, y2), got {arr.shape}")
+    return arr
+
+
 def _check_triple(name: str, values: Sequence[float]) -> tuple[float, float, float]:
     if len(values) != 3:
         raise ValueError(f"{name} must have 3 values (R, G, B), got {tuple(values)}")
@@ -104,12 +163,18 @@ class Preprocess:
 
     ``mean`` and ``std`` are in 0-255 units. Masks are resized with nearest neighbour and keep
     ``ignore_index`` for unlabelled pixels.
+
+    ``resize="stretch"`` resizes straight to (H, W). ``"letterbox"`` keeps the aspect ratio: an
+    h0 x w0 image is scaled by ``min(H / h0, W / w0)`` to ``content_shape((h0, w0))``, placed at
+    the top-left (so boxes need no offset) and padded with the mean colour, i.e. exactly 0 after
+    normalisation; class masks are padded with ``ignore_index``, instance masks with 0.
     """
 
     size: tuple[int, int]
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     ignore_index: int = 255
+    resize: str = "stretch"
     # (x - mean) / std == x * scale + offset; precomputed once, as float32 (3, 1, 1) for CHW.
     _scale: np.ndarray = field(init=False, repr=False, compare=False)
     _offset: np.ndarray = field(init=False, repr=False, compare=False)
@@ -122,6 +187,8 @@ class Preprocess:
             raise ValueError(f"std values must be positive, got {self.std}")
         if not 0 <= int(self.ignore_index) <= 255:
             raise ValueError(f"ignore_index must be in [0, 255] (uint8 masks), got {self.ignore_index}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         std = np.asarray(self.std, dtype=np.float64)
         mean = np.asarray(self.mean, dtype=np.float64)
         object.__setattr__(self, "_scale", (1.0 / std).astype(np.float32).reshape(3, 1, 1))
@@ -136,15 +203,66 @@ class Preprocess:
         chw += self._offset
         return chw
 
+    def content_shape(self, hw: Sequence[int]) -> tuple[int, int]:
+        """(h, w) the image content of an ``hw`` = (h0, w0) image covers in the network input."""
+        h0, w0 = _check_size(hw)
+        if self.resize == "stretch":
+            return self.size
+        h, w = self.size
+        scale = min(h / h0, w / w0)
+        # rounded, then capped: the content never spills over the input
+        return min(max(round(h0 * scale), 1), h), min(max(round(w0 * scale), 1), w)
+
+    def box_transform(self, hw: Sequence[int]) -> BoxTransform:
+        """The map from an ``hw`` = (h0, w0) image's pixels to network-input pixels.
+
+        The scales are those of the resize actually done (rounded content size / original size),
+        so boxes follow the pixels exactly.
+        """
+        h0, w0 = _check_size(hw)
+        ch, cw = self.content_shape((h0, w0))
+        return BoxTransform(sx=cw / w0, sy=ch / h0)
+
     def image(self, img: np.ndarray) -> np.ndarray:
         """uint8 HxWx3 RGB at any size -> float32 3xHxW network input at ``size``."""
-        return self.normalize(resize_image(img, self.size))
+        if self.resize == "stretch":
+            return self.normalize(resize_image(img, self.size))
+        content = self.normalize(resize_image(img, self.content_shape(img.shape[:2])))
+        # padding after normalising: the mean colour is 0 exactly, not a rounded uint8 colour
+        return self._pad(content, 0.0)
 
     def mask(self, mask: np.ndarray) -> np.ndarray:
-        """uint8 HxW class-index mask at any size -> int64 HxW target at ``size``."""
+        """uint8 HxW class-index mask at any size -> int64 HxW target at ``size``.
+
+        Letterbox padding is ``ignore_index``: it is no class.
+        """
         if mask.ndim != 2:
             raise ValueError(f"expected an HxW class-index mask, got shape {mask.shape}")
-        return resize_mask(mask, self.size).astype(np.int64)
+        resized = resize_mask(mask, self.content_shape(mask.shape)).astype(np.int64)
+        return self._pad(resized, self.ignore_index)
+
+    def instance_masks(self, masks: np.ndarray) -> np.ndarray:
+        """uint8 [M, h0, w0] 0/1 instance masks -> uint8 [M, H, W] at ``size``.
+
+        Nearest-neighbour resize, like class masks; letterbox padding is 0 (outside every instance).
+        """
+        if masks.ndim != 3:
+            raise ValueError(f"expected instance masks of shape [M, H, W], got {masks.shape}")
+        ch, cw = self.content_shape(masks.shape[1:])
+        resized = np.zeros((0, ch, cw), dtype=np.uint8)
+        if len(masks):
+            resized = np.stack([resize_mask(m, (ch, cw)) for m in masks.astype(np.uint8, copy=False)])
+        return self._pad(resized, 0)
+
+    def _pad(self, arr: np.ndarray, value: float) -> np.ndarray:
+        """Pad the last two axes of ``arr`` (content at the top-left) to ``size`` with ``value``."""
+        h, w = self.size
+        ch, cw = arr.shape[-2:]
+        if (ch, cw) == (h, w):
+            return arr
+        out = np.full(arr.shape[:-2] + (h, w), value, dtype=arr.dtype)
+        out[..., :ch, :cw] = arr
+        return out
 
     def batch(self, imgs: Sequence[np.ndarray]) -> np.ndarray:
         """A sequence of uint8 HxWx3 images -> float32 Nx3xHxW network input."""
@@ -153,20 +271,27 @@ class Preprocess:
         return np.stack([self.image(img) for img in imgs])
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form, as stored in model cards."""
-        return {
+        """JSON-ready form, as stored in model cards.
+
+        ``resize`` is written only when it is not ``"stretch"``: cards written before the key
+        existed mean stretch, and semantic cards stay exactly as they were.
+        """
+        d: dict[str, Any] = {
             "size": list(self.size),
             "mean": list(self.mean),
             "std": list(self.std),
             "ignore_index": int(self.ignore_index),
         }
+        if self.resize != "stretch":
+            d["resize"] = self.resize
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
-        """Inverse of :meth:`to_dict`; every key is required so a card can never fall back to defaults."""
+        """Inverse of :meth:`to_dict`; every key but ``resize`` is required, so a card never falls back to defaults."""
         keys = [f.name for f in fields(cls) if f.init]
         unknown = sorted(set(d) - set(keys))
-        missing = [k for k in keys if k not in d]
+        missing = [k for k in keys if k not in d and k not in _OPTIONAL_KEYS]
         if unknown or missing:
             problems = []
             if unknown:
@@ -182,6 +307,7 @@ class Preprocess:
                 mean=tuple(d["mean"]),
                 std=tuple(d["std"]),
                 ignore_index=int(d["ignore_index"]),
+                resize=d.get("resize", _OPTIONAL_KEYS["resize"]),
             )
         except (TypeError, ValueError) as exc:
             raise BckdError(f"invalid preprocessing settings: {exc}") from exc

@@ -10,16 +10,22 @@ set, never evidence for claims about real datasets (architecture.md, Data).
 
 Image ``k`` of split ``s`` depends only on ``(seed, s, k)`` (its own ``numpy`` generator), so the
 output is byte-identical for the same seed whatever the number of worker processes.
+
+For the detection tasks (``task="detect"`` or ``"instance"``) the same scenes are also written as
+COCO instances, ``annotations/instances_{split}.json`` (see :func:`scene_annotations`). Painting
+then keeps an instance-id map beside the class map and draws no extra random numbers, so the
+pixels stay byte-identical to the semantic dataset of the same seed.
 """
 from __future__ import annotations
 
 import functools
+import json
 import math
 import multiprocessing
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -27,6 +33,7 @@ from runtime.data.folder import write_dataset_meta
 from runtime.errors import BckdError
 from runtime.files import staged_dir
 from runtime.lazy import require
+from runtime.registry import unknown_name_message
 
 GENERATOR_NAME = "bckd-synth"
 # Bump whenever a change alters the pixels written for a given (spec, seed).
@@ -47,6 +54,14 @@ PALETTE = (
 IGNORE_INDEX = 255
 IGNORE_COLOUR = (255, 255, 255)
 SPLITS = ("train", "val")
+
+TASKS = ("semantic", "detect", "instance")
+# COCO category id == class index: 1..6 = disc, box, triangle, ring, wire, cross (no background).
+CATEGORIES = tuple({"id": c, "name": CLASSES[c], "supercategory": "shape"} for c in range(1, len(CLASSES)))
+# Instances (and ignore blobs) whose visible part is smaller than this many pixels are left out of
+# the COCO annotations: a sliver of 1-3 px peeking out under an occluder has no recoverable box.
+# Their pixels keep their class in the semantic mask.
+MIN_INSTANCE_AREA = 4
 
 Range = tuple[float, float]
 ProgressFn = Callable[[int, int], None]
@@ -226,12 +241,24 @@ SHAPES: dict[int, Callable[[np.random.Generator, float], tuple[float, ShapeTest]
 class _Canvas:
     img: np.ndarray  # float32 HxWx3, 0-255
     label: np.ndarray  # uint8 HxW
+    # Bookkeeping for the detection tasks only (None: not tracked). Every painted layer other than
+    # a background stain is one instance; ``owners[i - 1]`` is the class of instance id ``i``.
+    instances: np.ndarray | None = None  # uint16 HxW, 0 = no instance
+    owners: list[int] = field(default_factory=list)
 
     def paint(self, box: tuple[int, int, int, int], mask: np.ndarray, colour: np.ndarray, cls: int) -> None:
         """Overwrite pixels under ``mask`` (over ``box`` = y0, y1, x0, x1): later layers occlude earlier ones."""
         y0, y1, x0, x1 = box
         self.img[y0:y1, x0:x1][mask] = colour[mask]
         self.label[y0:y1, x0:x1][mask] = cls
+        if self.instances is not None:
+            self.instances[y0:y1, x0:x1][mask] = self._new_instance(cls)
+
+    def _new_instance(self, cls: int) -> int:
+        if cls == BACKGROUND:
+            return 0
+        self.owners.append(int(cls))
+        return len(self.owners)
 
 
 def _colour_pair(rng: np.random.Generator, contrast: Range) -> tuple[np.ndarray, np.ndarray]:
@@ -388,10 +415,40 @@ def _finish(img: np.ndarray, rng: np.random.Generator, spec: SynthSpec) -> np.nd
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class Scene:
+    """One rendered scene with its instance bookkeeping.
+
+    ``instances`` holds, per pixel, the id of the instance visible there (0: none); instance ``i``
+    has class ``owners[i - 1]``, ``IGNORE_INDEX`` for an unlabelled blob. Since later layers
+    overwrite earlier ones, an instance's visible mask is ``instances == i``: it may be split into
+    several parts, or be empty when fully occluded.
+    """
+
+    image: np.ndarray  # uint8 HxWx3 RGB
+    label: np.ndarray  # uint8 HxW class-index mask
+    instances: np.ndarray  # uint16 HxW
+    owners: tuple[int, ...]
+
+
 def render_sample(spec: SynthSpec, seed: int, split: str, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Image ``k`` of ``split``: (uint8 HxWx3 RGB image, uint8 HxW mask), a function of (spec, seed, split, k) only."""
+    canvas, img = _render(spec, seed, split, k, track=False)
+    return img, canvas.label
+
+
+def render_scene(spec: SynthSpec, seed: int, split: str, k: int) -> Scene:
+    """Like :func:`render_sample` (the same pixels), plus the instance-id map."""
+    canvas, img = _render(spec, seed, split, k, track=True)
+    assert canvas.instances is not None
+    return Scene(img, canvas.label, canvas.instances, tuple(canvas.owners))
+
+
+def _render(spec: SynthSpec, seed: int, split: str, k: int, track: bool) -> tuple[_Canvas, np.ndarray]:
+    """Paint the scene; ``track`` only adds bookkeeping and draws no random numbers, so pixels never depend on it."""
     rng = np.random.default_rng([seed, SPLITS.index(split), k])
-    canvas = _Canvas(_background(rng, spec), np.zeros(spec.size, dtype=np.uint8))
+    instances = np.zeros(spec.size, dtype=np.uint16) if track else None
+    canvas = _Canvas(_background(rng, spec), np.zeros(spec.size, dtype=np.uint8), instances)
     # smooth sharp-edged stains that are still background: an edge alone does not make an object
     for _ in range(int(rng.integers(spec.stains[0], spec.stains[1] + 1))):
         _paint_blob(canvas, rng, spec, (8, 22), _tex_gradient, BACKGROUND)
@@ -408,7 +465,84 @@ def render_sample(spec: SynthSpec, seed: int, split: str, k: int) -> tuple[np.nd
         # 'unlabelled' regions the loss and the metrics must skip
         for _ in range(int(rng.integers(1, 3))):
             _paint_blob(canvas, rng, spec, (3, 7), _tex_speckle, IGNORE_INDEX)
-    return _finish(canvas.img, rng, spec), canvas.label
+    return canvas, _finish(canvas.img, rng, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO instances of a scene
+
+
+def rle_encode(mask: np.ndarray) -> dict[str, Any]:
+    """COCO compressed RLE ``{"size": [h, w], "counts": str}`` of a HxW 0/1 mask.
+
+    The same string ``pycocotools.mask.encode`` gives (runs in column-major order, starting with a
+    run of zeros; each count as 5-bit groups, deltas against the count two back after the third),
+    written here so that ``bckd data synth`` does not need pycocotools.
+    """
+    h, w = mask.shape
+    flat = np.asarray(mask, dtype=bool).T.ravel()
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    counts = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    if flat.size and flat[0]:
+        counts.insert(0, 0)
+    return {"size": [int(h), int(w)], "counts": _rle_string(counts)}
+
+
+def _rle_string(counts: list[int]) -> str:
+    chars = []
+    for i, x in enumerate(counts):
+        if i > 2:
+            x -= counts[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5  # arithmetic shift: negative deltas end at -1
+            more = x != -1 if c & 0x10 else x != 0
+            chars.append(chr((c | 0x20 if more else c) + 48))
+    return "".join(chars)
+
+
+def scene_annotations(scene: Scene, task: str) -> list[dict[str, Any]]:
+    """COCO annotations of ``scene``'s visible instances, without ``id`` and ``image_id``.
+
+    Objects and wires first, in paint order, with ``iscrowd`` 0; then each unlabelled blob as one
+    ``iscrowd`` 1 region per category, since 'don't care' holds for every class. ``bbox`` (x, y,
+    w, h in pixel edges) and ``area`` (pixel count) come from the visible mask; parts smaller than
+    :data:`MIN_INSTANCE_AREA` are left out. ``task="instance"`` adds the compressed-RLE mask as
+    ``segmentation``; ``"detect"`` writes none.
+    """
+    areas = np.bincount(scene.instances.ravel(), minlength=len(scene.owners) + 1)
+    solid, crowd = [], []
+    for inst, cls in enumerate(scene.owners, 1):
+        if areas[inst] < MIN_INSTANCE_AREA:
+            continue
+        mask = scene.instances == inst
+        ann: dict[str, Any] = {"bbox": _mask_bbox(mask), "area": int(areas[inst])}
+        if task == "instance":
+            ann["segmentation"] = rle_encode(mask)
+        if cls == IGNORE_INDEX:
+            crowd.extend({"category_id": c["id"], "iscrowd": 1, **ann} for c in CATEGORIES)
+        else:
+            solid.append({"category_id": cls, "iscrowd": 0, **ann})
+    return solid + crowd
+
+
+def _mask_bbox(mask: np.ndarray) -> list[int]:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+
+
+def coco_instances(
+    split: str, size: tuple[int, int], per_image: list[list[dict[str, Any]]], info: dict[str, Any]
+) -> dict[str, Any]:
+    """The COCO json of one split: image ``k`` has id ``k + 1``, annotations are numbered from 1 in image order."""
+    h, w = size
+    images = [{"id": k + 1, "file_name": sample_id(split, k) + ".png", "height": h, "width": w}
+              for k in range(len(per_image))]
+    pairs = [(k + 1, ann) for k, anns in enumerate(per_image) for ann in anns]
+    annotations = [{"id": n, "image_id": image_id, **ann} for n, (image_id, ann) in enumerate(pairs, 1)]
+    return {"info": info, "licenses": [], "images": images, "annotations": annotations,
+            "categories": [dict(c) for c in CATEGORIES]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,16 +561,27 @@ def _mask_palette() -> list[int]:
     return flat
 
 
-def _write_sample(job: tuple[SynthSpec, int, str, str, int]) -> None:
-    spec, seed, root, split, k = job
+Job = tuple[SynthSpec, int, str, str, int, str]
+Annotated = tuple[str, int, list[dict[str, Any]] | None]
+
+
+def _write_sample(job: Job) -> Annotated:
+    """Write image ``k`` of ``split`` and its mask; return its COCO annotations (None for ``semantic``)."""
+    spec, seed, root, split, k, task = job
     Image = require("PIL.Image", "writing the synthetic dataset")
-    img, mask = render_sample(spec, seed, split, k)
+    anns = None
+    if task == "semantic":
+        img, mask = render_sample(spec, seed, split, k)
+    else:
+        scene = render_scene(spec, seed, split, k)
+        img, mask, anns = scene.image, scene.label, scene_annotations(scene, task)
     name = sample_id(split, k) + ".png"
     Image.fromarray(img).save(os.path.join(root, "images", name), format="PNG")
     # palette PNG: the stored indices are the classes, the palette only makes it viewable
     mask_img = Image.fromarray(mask)
     mask_img.putpalette(_mask_palette())
     mask_img.save(os.path.join(root, "masks", name), format="PNG")
+    return split, k, anns
 
 
 def _default_workers(n: int) -> int:
@@ -444,18 +589,38 @@ def _default_workers(n: int) -> int:
     return min(2, os.cpu_count() or 1) if n >= 200 else 1
 
 
-def _render_all(jobs: list[tuple], workers: int, progress: ProgressFn | None) -> None:
-    total = len(jobs)
+def _render_all(jobs: list[Job], workers: int, progress: ProgressFn | None) -> dict[tuple[str, int], Any]:
+    """Write every job's files; returns (split, k) -> annotations, so their order never depends on the workers."""
     if workers <= 1:
-        for done, job in enumerate(jobs, 1):
-            _write_sample(job)
-            if progress:
-                progress(done, total)
-        return
+        return _collect(map(_write_sample, jobs), len(jobs), progress)
     with multiprocessing.get_context().Pool(workers) as pool:
-        for done, _ in enumerate(pool.imap_unordered(_write_sample, jobs, chunksize=16), 1):
-            if progress:
-                progress(done, total)
+        return _collect(pool.imap_unordered(_write_sample, jobs, chunksize=16), len(jobs), progress)
+
+
+def _collect(done: Iterator[Annotated], total: int, progress: ProgressFn | None) -> dict[tuple[str, int], Any]:
+    results: dict[tuple[str, int], Any] = {}
+    for n_done, (split, k, anns) in enumerate(done, 1):
+        results[split, k] = anns
+        if progress:
+            progress(n_done, total)
+    return results
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise BckdError(unknown_name_message("synthetic dataset task", task, list(TASKS)))
+
+
+def _write_annotations(root: Path, spec: SynthSpec, seed: int, task: str, results: dict) -> None:
+    """``annotations/instances_{split}.json`` for each split, images and annotations in (split, k) order."""
+    (root / "annotations").mkdir()
+    for split, n in spec.split_sizes().items():
+        info = {"description": f"{GENERATOR_NAME} procedural scenes, split {split}",
+                "version": str(GENERATOR_VERSION), "seed": int(seed), "task": task,
+                "min_instance_area": MIN_INSTANCE_AREA}
+        coco = coco_instances(split, spec.size, [results[split, k] for k in range(n)], info)
+        (root / "annotations" / f"instances_{split}.json").write_text(
+            json.dumps(coco, separators=(",", ":")), encoding="utf-8")
 
 
 def write_synth(
@@ -466,19 +631,30 @@ def write_synth(
     force: bool = False,
     progress: ProgressFn | None = None,
     workers: int | None = None,
+    task: str = "semantic",
 ) -> Path:
-    """Generate the dataset described by ``spec`` into ``out_dir`` (atomically; existing dir refused unless ``force``)."""
+    """Generate the dataset described by ``spec`` into ``out_dir`` (atomically; existing dir refused unless ``force``).
+
+    ``task="semantic"`` writes the folder dataset (images, masks, splits, dataset.json);
+    ``"detect"`` and ``"instance"`` write the same files (the same image and mask bytes) plus
+    ``annotations/instances_{split}.json`` (COCO boxes; ``instance`` adds RLE masks), and record
+    the task in dataset.json's ``generator``.
+    """
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise BckdError(f"seed must be a non-negative integer, got {seed!r}")
+    _check_task(task)
     sizes = spec.split_sizes()
     with staged_dir(out_dir, force) as tmp:
         for sub in ("images", "masks", "splits"):
             (tmp / sub).mkdir()
-        jobs = [(spec, int(seed), str(tmp), split, k) for split, n in sizes.items() for k in range(n)]
-        _render_all(jobs, workers or _default_workers(len(jobs)), progress)
+        jobs = [(spec, int(seed), str(tmp), split, k, task) for split, n in sizes.items() for k in range(n)]
+        results = _render_all(jobs, workers or _default_workers(len(jobs)), progress)
         for split, n in sizes.items():
             (tmp / "splits" / f"{split}.txt").write_text("".join(sample_id(split, k) + "\n" for k in range(n)))
         generator = {"name": GENERATOR_NAME, "version": GENERATOR_VERSION, "seed": int(seed), "spec": spec.to_dict()}
+        if task != "semantic":
+            _write_annotations(tmp, spec, int(seed), task, results)
+            generator.update(task=task, min_instance_area=MIN_INSTANCE_AREA)
         write_dataset_meta(tmp, "synth", CLASSES, PALETTE, IGNORE_INDEX, generator=generator)
     return Path(out_dir)
 
@@ -493,10 +669,15 @@ def synthesize(
     force: bool = False,
     progress: ProgressFn | None = None,
     workers: int | None = None,
+    task: str = "semantic",
 ) -> Path:
-    """Write the default synthetic dataset (splits ``train`` and ``val``) to ``out_dir``; returns its path."""
+    """Write the default synthetic dataset (splits ``train`` and ``val``) to ``out_dir``; returns its path.
+
+    ``task`` is ``"semantic"``, ``"detect"`` or ``"instance"`` (see :func:`write_synth`).
+    """
+    _check_task(task)
     try:
         spec = SynthSpec(size=(int(size[0]), int(size[1])), n_train=int(n_train), n_val=int(n_val))
     except ValueError as exc:
         raise BckdError(f"invalid synthetic dataset settings: {exc}") from exc
-    return write_synth(out_dir, spec, seed=seed, force=force, progress=progress, workers=workers)
+    return write_synth(out_dir, spec, seed=seed, force=force, progress=progress, workers=workers, task=task)

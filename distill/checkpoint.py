@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from distill.models import model_from_arch
 from runtime.card import read_card, write_card
 from runtime.errors import BckdError
 from runtime.files import atomic_write_bytes, sha256_file
@@ -68,7 +67,9 @@ def load_student(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, An
         raise BckdError(f"{path} is not a bckd checkpoint (no '{CHECKPOINT_FORMAT}' header); "
                         "pass a file written by 'bckd distill'")
     card = read_card(path)
-    model = model_from_arch(payload["arch"])
+    from distill.tasks import get_spec  # the card's task knows how to rebuild its models
+
+    model = get_spec(card).from_arch(payload["arch"])
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:

@@ -15,6 +15,7 @@ from runtime.config import DataConfig, KDConfig, ModelConfig, TrainConfig
 from runtime.data import open_dataset
 from runtime.data.preprocess import Preprocess
 from runtime.errors import BckdError
+from runtime.tasks import get_task, task_name
 from runtime.files import atomic_write_json, refuse_existing, sha256_file, sha256_json
 
 
@@ -29,14 +30,19 @@ def distill_stage(*, data: DataConfig, data_root: str | os.PathLike, model: Mode
     end-to-end run passes a path relative to its output folder.
     """
     kd = kd or KDConfig()
-    losses = method_names(method, kd.options)
+    task = get_task(data.task).name
+    losses = method_names(method, kd.options, task)
     if losses and not teacher:
         raise BckdError(f"method '{method}' distils from a teacher; pass --teacher CHECKPOINT "
                         "(or use --method none)")
     train_src = open_dataset(data_root, data.train_split, format=data.format)
     val_src = open_dataset(data_root, data.val_split, format=data.format)
+    get_task(task).check_dataset(train_src, None, data_root)
     preprocess = Preprocess(size=tuple(data.input_size), ignore_index=train_src.ignore_index)
     teacher_model, teacher_card = (load_student(teacher) if losses else (None, None))
+    if teacher_card is not None and task_name(teacher_card) != task:
+        raise BckdError(f"teacher {teacher} is a '{task_name(teacher_card)}' model but this run "
+                        f"trains a '{task}' one; use a teacher of the same task")
     if teacher_card is not None:
         _check_teacher(teacher_card, train_src.classes, teacher)
     meta_file = Path(data_root) / "dataset.json"
@@ -50,8 +56,16 @@ def distill_stage(*, data: DataConfig, data_root: str | os.PathLike, model: Mode
                  val_source=val_src, preprocess=preprocess, classes=train_src.classes, out=out,
                  teacher=teacher_model, teacher_card=teacher_card, method=method, kd_options=kd.options,
                  tensorboard=tensorboard_dir(out) if train_cfg.tensorboard else None,
-                 log_every=train_cfg.log_every,
+                 log_every=train_cfg.log_every, task=task,
+                 postprocess=None if task == "semantic" else default_postprocess(),
                  data_info=data_info, resume=resume, force=force, log=log)
+
+
+def default_postprocess() -> dict:
+    """The NMS settings a detector's card records for evaluation (host NMS by default)."""
+    from runtime.tasks.nms import NMSSettings
+
+    return {"nms": "host", **NMSSettings().to_dict()}
 
 
 def _check_teacher(card: dict, classes: list[str], path) -> None:

@@ -7,19 +7,23 @@ tests see each term. With no teacher it is plain supervised training.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import DistillInputs
+from distill.tasks import TaskSpec, get_spec
 
 
 class DistillTask(nn.Module):
-    """Computes ``{"task": CE, <method>: weighted term, ..., "total": sum}`` for one batch."""
+    """Computes ``{<task terms>, <method>: weighted term, ..., "total": sum}`` for one batch.
+
+    The task terms come from the task's spec (:mod:`distill.tasks`): ``task`` (cross-entropy)
+    for semantic segmentation, the detector's own named terms (e.g. qfl, dfl, giou) otherwise.
+    """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
                  losses: dict[str, tuple[nn.Module, float]] | None = None,
-                 ignore_index: int = 255) -> None:
+                 ignore_index: int = 255, spec: TaskSpec | str = "semantic") -> None:
         super().__init__()
+        self.spec = get_spec(spec) if isinstance(spec, str) else spec
         self.student = student
         self.losses = nn.ModuleDict({k: m for k, (m, _) in (losses or {}).items()})
         self.weights = {k: w for k, (_, w) in (losses or {}).items()}
@@ -38,20 +42,17 @@ class DistillTask(nn.Module):
         return self
 
     def _run(self, model: nn.Module, x: torch.Tensor) -> dict:
-        if self.needs_features:
-            return model.forward_taps(x)
-        return {"logits": model(x), "stages": [], "decoder": None}
+        return self.spec.taps(model, x, self.needs_features)
 
-    def forward(self, images: torch.Tensor, target: torch.Tensor, progress: float = 0.0,
+    def forward(self, images: torch.Tensor, target, progress: float = 0.0,
                 epoch: int = 0, epochs: int = 1) -> dict[str, torch.Tensor]:
         s = self._run(self.student, images)
-        terms = {"task": F.cross_entropy(s["logits"].float(), target,
-                                         ignore_index=self.ignore_index)}
+        terms = dict(self.spec.task_loss(self.student, s, target, self.ignore_index))
         if self.losses:
             with torch.no_grad():
                 t = self._run(self.teacher, images)
-            inputs = DistillInputs(s["logits"], t["logits"], s["stages"], t["stages"], target,
-                                   progress, s["decoder"], t["decoder"], epoch, epochs)
+            inputs = self.spec.distill_inputs(s, t, target, progress=progress, epoch=epoch,
+                                              epochs=epochs, size=images.shape[-2:])
             for name, loss in self.losses.items():
                 terms[name] = self.weights[name] * loss(inputs)
         terms["total"] = sum(terms.values())

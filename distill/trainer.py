@@ -33,9 +33,10 @@ from torch.utils.data import DataLoader, Subset
 from distill import distributed
 from distill.checkpoint import load_state, save_state, save_student
 from distill.data import Augment, SegDataset, ShardedBatchSampler
-from distill.models import build_segmentor, count_parameters
+from distill.models import count_parameters
 from distill.losses import LossContext, build_losses
 from distill.task import DistillTask
+from distill.tasks import TaskSpec, get_spec, validate_detector
 from runtime.card import new_card, tool_versions
 from runtime.config import ModelConfig, TrainConfig, to_dict
 from runtime.data.preprocess import Preprocess
@@ -134,12 +135,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
-    """A segmentor from its config section."""
-    return build_segmentor(backbone=cfg.backbone, head=cfg.head, num_classes=num_classes,
-                           width=cfg.width, output_stride=cfg.output_stride,
-                           head_channels=cfg.head_channels or None,
-                           pretrained_backbone=cfg.pretrained_backbone or None)
+def build_model(cfg: ModelConfig, num_classes: int, task: str = "semantic") -> torch.nn.Module:
+    """A segmentor (or, for the detect / instance tasks, a detector) from its config section."""
+    return get_spec(task).build_model(cfg, num_classes)
 
 
 @torch.no_grad()
@@ -224,11 +222,15 @@ class Trainer:
     all against the global iteration.
     """
 
-    def __init__(self, task: DistillTask, train_set: SegDataset, val_set: SegDataset,
+    def __init__(self, task: DistillTask, train_set: SegDataset, val_set: Any,
                  cfg: TrainConfig, classes: list[str],
                  log: Callable[[str], None] = print, *,
-                 tensorboard: str | os.PathLike | None = None, log_every: int = 10) -> None:
+                 tensorboard: str | os.PathLike | None = None, log_every: int = 10,
+                 val_card: dict | None = None) -> None:
         self.task, self.train_set, self.val_set = task, train_set, val_set
+        # detect / instance: the validation split is the runtime dataset, scored through the
+        # runtime task with this card (task, classes, host NMS)
+        self.val_card = val_card
         self.cfg, self.classes, self.log = cfg, list(classes), log
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         local_batch_size(cfg.batch_size, self.world_size)
@@ -313,10 +315,10 @@ class Trainer:
         # The generator only seeds loader workers; passing one keeps the loader from drawing on
         # the global stream that dropout uses.
         return DataLoader(self.train_set, batch_sampler=self.sampler, generator=torch.Generator(),
-                          pin_memory=self.device.type == "cuda")
+                          pin_memory=self.device.type == "cuda", collate_fn=self.task.spec.collate)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y = x.to(self.device, non_blocking=True), self.task.spec.to_device(y, self.device)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # Forward passes run under autocast; every loss casts its inputs to fp32 itself.
@@ -376,8 +378,15 @@ class Trainer:
         """mIoU, pixel accuracy and per-class IoU of the student on the validation split.
 
         Each process scores its shard of the split; the confusion matrices are summed, so every
-        process returns the scores of the whole split.
+        process returns the scores of the whole split. Detectors are scored with COCO AP by the
+        runtime task (every process scores the whole split).
         """
+        if self.val_card is not None:
+            summary = validate_detector(self.task.student, self.val_set.source,
+                                        self.val_set.preprocess, self.val_card)
+            self.scalars.add("val", {k: v for k, v in summary.items()
+                                     if k.startswith("box_ap") and v is not None}, self.iteration)
+            return summary
         meter = BoundaryMeter(len(self.classes), self.val_set.preprocess.ignore_index)
         cm = evaluate_model(self.task.student, self.val_set, len(self.classes),
                             shard=(self.rank, self.world_size), boundary=meter)
@@ -414,9 +423,10 @@ def _quiet(_: str) -> None:
 
 def build_task(model_cfg: ModelConfig, train_cfg: TrainConfig, classes: list[str],
                ignore_index: int, device: torch.device, teacher: torch.nn.Module | None = None,
-               method: str = "none", kd_options: dict | None = None) -> DistillTask:
+               method: str = "none", kd_options: dict | None = None,
+               task: str = "semantic") -> DistillTask:
     """Student (freshly initialised), frozen teacher and losses on ``device``."""
-    student = build_model(model_cfg, len(classes)).to(device)
+    student = build_model(model_cfg, len(classes), task).to(device)
     if train_cfg.channels_last:
         student = student.to(memory_format=torch.channels_last)
     if teacher is not None:
@@ -426,10 +436,10 @@ def build_task(model_cfg: ModelConfig, train_cfg: TrainConfig, classes: list[str
     losses = {}
     if teacher is not None and method != "none":
         ctx = LossContext.from_models(student, teacher, ignore_index)
-        losses = build_losses(method, kd_options, ctx)
+        losses = build_losses(method, kd_options, ctx, task=task)
         for loss, _ in losses.values():
             loss.to(device)
-    return DistillTask(student, teacher, losses, ignore_index)
+    return DistillTask(student, teacher, losses, ignore_index, spec=task)
 
 
 def fit(trainer: Trainer, state_file: Path, val_every: int,
@@ -445,8 +455,10 @@ def fit(trainer: Trainer, state_file: Path, val_every: int,
         val = None
         if val_every and trainer.epoch % val_every == 0:
             val = trainer.validate()
-            record.update(val_miou=val["miou"], val_boundary_f=val["boundary_f"],
-                          val_lhd=val["lhd"])
+            record.update({k: v for k, v in trainer.task.spec.card_metrics(val).items()
+                           if k in ("val_miou", "val_boundary_f", "val_box_ap", "val_mask_ap")})
+            if "lhd" in val:
+                record["val_lhd"] = val["lhd"]
         trainer.history.append(record)
         log("  epoch %d/%d  " % (trainer.epoch, trainer.epochs)
             + "  ".join(f"{k}={v:.4f}" for k, v in record.items()
@@ -463,8 +475,12 @@ def train(*, model_cfg: ModelConfig, train_cfg: TrainConfig, train_source, val_s
           teacher: torch.nn.Module | None = None, teacher_card: dict | None = None,
           method: str = "none", kd_options: dict | None = None, data_info: dict | None = None,
           resume: bool = False, force: bool = False, log: Callable[[str], None] = print,
-          tensorboard: str | os.PathLike | None = None, log_every: int = 10) -> TrainResult:
+          tensorboard: str | os.PathLike | None = None, log_every: int = 10,
+          task: str = "semantic", postprocess: dict | None = None) -> TrainResult:
     """Train a student and write ``out`` (student-only), its card and ``out.state.pt``.
+
+    ``task`` is 'semantic', 'detect' or 'instance' (:mod:`distill.tasks`); ``postprocess`` is
+    the card's NMS settings for detectors (``runtime.tasks.nms.NMSSettings``), used to validate.
 
     Launched by ``torchrun`` with several processes, it joins their process group (and leaves it
     at the end); every process returns the same result. ``tensorboard`` is a log folder for
@@ -483,15 +499,19 @@ def train(*, model_cfg: ModelConfig, train_cfg: TrainConfig, train_source, val_s
         log = log if distributed.is_main() else _quiet
         threads = set_threads(train_cfg.threads, distributed.local_world_size())
         seed_everything(train_cfg.seed)  # the same initial weights in every process
-        task = build_task(model_cfg, train_cfg, classes, preprocess.ignore_index, device,
-                          teacher, method, kd_options)
+        spec = get_spec(task)
+        distill_task = build_task(model_cfg, train_cfg, classes, preprocess.ignore_index, device,
+                                  teacher, method, kd_options, task=spec.name)
         if distributed.world_size() > 1:
             torch.manual_seed(train_cfg.seed + 1000 * distributed.rank())  # own dropout masks
         aug = Augment(train_cfg.crop_size, train_cfg.scale_range, train_cfg.hflip,
                       train_cfg.brightness)
-        trainer = Trainer(task, SegDataset(train_source, preprocess, aug, seed=train_cfg.seed),
-                          SegDataset(val_source, preprocess, None), train_cfg, classes, log,
-                          tensorboard=tensorboard, log_every=log_every)
+        val_card = None if spec.name == "semantic" else {
+            "task": spec.name, "classes": list(classes), "postprocess": postprocess or {}}
+        trainer = Trainer(distill_task,
+                          spec.dataset(train_source, preprocess, aug, seed=train_cfg.seed),
+                          spec.dataset(val_source, preprocess, None), train_cfg, classes, log,
+                          tensorboard=tensorboard, log_every=log_every, val_card=val_card)
         with contextlib.closing(trainer):
             if resuming:
                 trainer.load_state_dict(load_state(state_file))
@@ -500,16 +520,15 @@ def train(*, model_cfg: ModelConfig, train_cfg: TrainConfig, train_source, val_s
             val = fit(trainer, state_file, train_cfg.val_every, log)
             seconds = time.perf_counter() - start
             val = val or trainer.validate()
-        student = task.student
+        student = distill_task.student
+        extra = {"postprocess": val_card["postprocess"]} if val_card else {}
         card = new_card(
-            "checkpoint", task="semseg", arch=student.arch, classes=list(classes),
+            "checkpoint", task=spec.name, arch=student.arch, classes=list(classes),
             num_classes=len(classes), preprocess=preprocess.to_dict(), method=method,
             teacher=({"arch": teacher_card.get("arch"), "sha256": teacher_card.get("sha256")}
                      if teacher_card else None),
             data=data_info or {}, train=to_dict(train_cfg), params=count_parameters(student),
-            metrics={"val_miou": val["miou"], "val_pixel_acc": val["pixel_acc"],
-                     "val_boundary_f": val["boundary_f"], "val_lhd_gt": val["lhd"],
-                     "per_class_iou": val["per_class_iou"]},
+            metrics=spec.card_metrics(val), **extra,
             train_seconds=round(seconds, 2), threads=threads, processes=trainer.world_size,
             history=trainer.history, device=str(device), amp=trainer.amp,
             tools=tool_versions("torch", "numpy"))

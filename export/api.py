@@ -12,7 +12,7 @@ from typing import Any
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, opset: int = 17,
                       dynamic: bool = True, simplify: bool = True, force: bool = False,
                       extra: dict[str, Any] | None = None,
-                      source_label: str | None = None) -> dict[str, Any]:
+                      source_label: str | None = None, nms: str = "host") -> dict[str, Any]:
     """Export a bckd checkpoint to ONNX at its card's input size; returns the ONNX card.
 
     ``extra`` fields are added to the card; ``source_label`` is what it records as the source
@@ -30,4 +30,4 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     for key in ("history", "sha256"):
         card.pop(key, None)
     return export_onnx(model, out, size, card=card, opset=opset, dynamic=dynamic,
-                       simplify=simplify, force=force)
+                       simplify=simplify, force=force, **({"nms": nms} if "postprocess" in card else {}))

@@ -69,6 +69,7 @@ def export_onnx(
     parity_agreement: float = MIN_ARGMAX_AGREEMENT,
     parity_backends: Sequence[str] = PARITY_BACKENDS,
     force: bool = False,
+    nms: str = "host",
 ) -> dict:
     """Export ``model`` (NCHW float32 image -> (B, K, H, W) logits) to ONNX and return its card.
 
@@ -78,6 +79,11 @@ def export_onnx(
     max |Δlogit| <= ``parity_tol`` and the argmax agrees on >= ``parity_agreement`` of the pixels.
     A failure warns and is recorded in the card, and the artifact is still written so it can be
     inspected.
+
+    A detector (card task ``detect`` / ``instance``; the model has ``output_names``) exports its
+    raw head outputs; ``nms="graph"`` appends NMS in standard ONNX ops
+    (:func:`export.nms_graph.append_nms`) with the card's ``postprocess`` settings, ``"host"``
+    leaves it to the runtime. Its parity compares detections after NMS (the task's comparison).
     """
     out_path = Path(out_path)
     input_size = _size_pair(input_size, "input_size")
@@ -88,15 +94,23 @@ def export_onnx(
     refuse_existing(out_path, "ONNX file", force)
     onnx = require("onnx", "exporting to ONNX")
     with _eval_mode(model):
-        traced_out = _traced_output_shape(model, input_size)
-        proto = _trace(model, input_size, opset, dynamic)
-        _pin_static_output_dims(proto, traced_out, dynamic)
+        detector = hasattr(model, "output_names")
+        if detector:
+            card = _with_postprocess(dict(card or {}), nms)
+            proto = _trace(model, input_size, opset, dynamic, tuple(model.output_names))
+        else:
+            traced_out = _traced_output_shape(model, input_size)
+            proto = _trace(model, input_size, opset, dynamic)
+            _pin_static_output_dims(proto, traced_out, dynamic)
         _check_proto(proto, "the traced model")
         proto, simp = simplify_model(proto) if simplify else (proto, _simplify_disabled())
+        if detector and nms == "graph":
+            proto = _append_nms(proto, card)
         with atomic_path(out_path) as tmp:
             onnx.save_model(proto, tmp, format="protobuf")
             parity = _parity(model, tmp, parity_size, parity_batch,
-                             (parity_tol, parity_agreement), parity_backends)
+                             (parity_tol, parity_agreement), parity_backends,
+                             card if detector else None)
             result = _build_card(card or {}, proto, opset, dynamic, input_size, simp, parity)
             embed_card(proto, result)
             onnx.save_model(proto, tmp, format="protobuf")
@@ -238,12 +252,47 @@ def _traced_output_shape(model: Any, input_size: tuple[int, int]) -> list[int]:
     return list(y.shape)
 
 
-def _trace(model: Any, input_size: tuple[int, int], opset: int, dynamic: bool) -> Any:
+def _with_postprocess(card: dict, nms: str) -> dict:
+    """The card with its detector postprocess section: where NMS runs and its settings."""
+    from runtime.tasks.nms import NMSSettings
+
+    if nms not in ("host", "graph"):
+        raise BckdError(f"nms must be 'host' or 'graph', got '{nms}'")
+    post = dict(card.get("postprocess") or {})
+    post.pop("nms", None)
+    card["postprocess"] = {"nms": nms, **NMSSettings.from_dict(post).to_dict()}
+    return card
+
+
+def _append_nms(proto: Any, card: dict) -> Any:
+    from export.nms_graph import append_nms
+    from runtime.tasks.nms import NMSSettings
+
+    post = {k: v for k, v in card["postprocess"].items() if k != "nms"}
+    names = [o.name for o in proto.graph.output]
+    masks = "mask_coeffs" in names
+    out = append_nms(proto, NMSSettings.from_dict(post),
+                     mask_coeffs="mask_coeffs" if masks else None, proto="proto" if masks else None)
+    _check_proto(out, "the graph with NMS")
+    return out
+
+
+# Dynamic axes of a detector's raw outputs: priors grow with the input size.
+DETECTOR_AXES = {"boxes": {0: "batch", 1: "priors"}, "scores": {0: "batch", 1: "priors"},
+                 "mask_coeffs": {0: "batch", 1: "priors"},
+                 "proto": {0: "batch", 2: "proto_height", 3: "proto_width"}}
+
+
+def _trace(model: Any, input_size: tuple[int, int], opset: int, dynamic: bool,
+           output_names: tuple[str, ...] = (OUTPUT_NAME,)) -> Any:
     """Trace with the TorchScript exporter (named dynamic axes) and return the ModelProto."""
     torch = require("torch", "exporting to ONNX")
     onnx = require("onnx", "exporting to ONNX")
     dummy = torch.randn(1, 3, *input_size, device=_device(model))
-    axes = {INPUT_NAME: DYNAMIC_AXES, OUTPUT_NAME: DYNAMIC_AXES} if dynamic else None
+    axes = None
+    if dynamic:
+        axes = {INPUT_NAME: DYNAMIC_AXES,
+                **{n: DETECTOR_AXES.get(n, DYNAMIC_AXES) for n in output_names}}
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings():
@@ -251,7 +300,7 @@ def _trace(model: Any, input_size: tuple[int, int], opset: int, dynamic: bool) -
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 model, (dummy,), buf, dynamo=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
+                input_names=[INPUT_NAME], output_names=list(output_names), dynamic_axes=axes,
                 do_constant_folding=True,
             )
     except torch.onnx.OnnxExporterError as exc:
@@ -354,12 +403,36 @@ def _same_io(before: Any, after: Any) -> None:
 # -- parity and card -------------------------------------------------------------------------------
 def _parity(
     model: Any, onnx_path: Path, size: tuple[int, int], batch: int,
-    limits: tuple[float, float], backends: Sequence[str],
+    limits: tuple[float, float], backends: Sequence[str], detector_card: dict | None = None,
 ) -> dict:
-    """Compare the torch model with the written ONNX file on each backend (the card's ``parity``)."""
+    """Compare the torch model with the written ONNX file on each backend (the card's ``parity``).
+
+    A detector (``detector_card`` given) is compared on its detections after NMS: torch's raw
+    outputs through host NMS against the backend's outputs (raw, or NMS in the graph).
+    """
     reference = _torch_reference(model)
-    results = {b: _backend_parity(b, reference, onnx_path, size, batch, limits) for b in backends}
+    results = {b: _backend_parity(b, reference, onnx_path, size, batch, limits, detector_card)
+               for b in backends}
     return combine_parity(results, reference="torch")
+
+
+def _detection_parity(reference: ModelFn, runner: Any, size: tuple[int, int], batch: int,
+                      card: dict, backend: str) -> dict:
+    from export.parity import PARITY_SEED, random_input
+    from runtime.tasks import get_task
+
+    x = random_input(batch, 3, size, PARITY_SEED)
+    head = {"backend": backend, "size": list(size), "batch": batch, "seed": PARITY_SEED}
+    try:
+        candidate = runner.run(x)
+    except Exception as exc:  # an artifact that cannot run at this shape fails parity
+        return {**head, "ok": False, "error": f"the candidate failed to run: {_first_line(exc)}"}
+    result = get_task(card).compare(reference(x), candidate, card)
+    if not result["ok"] and "error" not in result:
+        result["error"] = (f"detections agree on {result['detection_agreement']:.4%} / "
+                           f"{result['reverse_agreement']:.4%} (need "
+                           f"{result['min_detection_agreement']:.1%})")
+    return {**head, **result}
 
 
 def _torch_reference(model: Any) -> ModelFn:
@@ -373,8 +446,10 @@ def _torch_reference(model: Any) -> ModelFn:
         if key not in cache:
             cache.clear()
             with torch.inference_mode():
-                y = model(torch.from_numpy(x).to(device)).float().cpu().numpy()
-            cache[key] = {OUTPUT_NAME: y}
+                y = model(torch.from_numpy(x).to(device))
+            names = getattr(model, "output_names", None)
+            cache[key] = ({n: t.float().cpu().numpy() for n, t in zip(names, y)} if names
+                          else {OUTPUT_NAME: y.float().cpu().numpy()})
         return cache[key]
 
     return reference
@@ -382,7 +457,7 @@ def _torch_reference(model: Any) -> ModelFn:
 
 def _backend_parity(
     backend: str, reference: ModelFn, onnx_path: Path, size: tuple[int, int], batch: int,
-    limits: tuple[float, float],
+    limits: tuple[float, float], detector_card: dict | None = None,
 ) -> dict:
     """One backend's parity result; skipped when its package is not installed."""
     try:
@@ -396,8 +471,12 @@ def _backend_parity(
     except BckdError as exc:  # a backend that cannot load the file fails parity, with the reason
         return {"backend": backend, "ok": False, "error": f"could not load the model: {exc}"}
     with runner:
-        result = check_parity(reference, lambda x: {OUTPUT_NAME: runner.infer(x)}, size=size,
-                              batch=batch, tol=limits[0], min_agreement=limits[1], backend=backend)
+        if detector_card is not None:
+            result = _detection_parity(reference, runner, size, batch, detector_card, backend)
+        else:
+            result = check_parity(reference, lambda x: {OUTPUT_NAME: runner.infer(x)}, size=size,
+                                  batch=batch, tol=limits[0], min_agreement=limits[1],
+                                  backend=backend)
         result["runner"] = {k: v for k, v in runner.describe().items() if k != "artifact"}
     return result
 
@@ -415,7 +494,8 @@ def _build_card(
         "opset": opset,
         "dynamic_axes": {INPUT_NAME: axes, OUTPUT_NAME: axes} if dynamic else {},
         "input_name": INPUT_NAME,
-        "output_name": OUTPUT_NAME,
+        "output_name": proto.graph.output[0].name,
+        "output_names": [o.name for o in proto.graph.output],
         "input_shape": _graph_shape(proto.graph.input[0]),
         "output_shape": _graph_shape(proto.graph.output[0]),
         "traced_size": list(input_size),

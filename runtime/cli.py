@@ -29,12 +29,15 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from runtime.config import load_config, quick_config
+    from runtime.config import load_config, task_config
     from runtime.pipeline import run_pipeline
 
     if args.quick and args.config:
         raise BckdError("--quick replaces the config; pass either a CONFIG or --quick")
-    cfg = quick_config() if args.quick else load_config(args.config)
+    if args.config and args.task:
+        raise BckdError("--task picks a built-in run; with a CONFIG set data.task in it instead")
+    cfg = load_config(args.config) if args.config else task_config(args.task or "semantic",
+                                                                   args.quick)
     if args.cache_dir:
         cfg.cache_dir = args.cache_dir
     run_pipeline(cfg, args.out, force=args.force)
@@ -46,7 +49,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
     with Progress("[data] synthesising", args.n_train + args.n_val) as bar:
         path = synthesize(args.out, n_train=args.n_train, n_val=args.n_val, size=args.size,
-                          seed=args.seed, force=args.force, progress=bar)
+                          seed=args.seed, force=args.force, progress=bar, task=args.task)
     print(f"wrote {args.n_train}+{args.n_val} images to {path}")
 
 
@@ -240,20 +243,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from runtime.data.preprocess import Preprocess
     from runtime.evaluate import evaluate_runner
 
+    from runtime.tasks import get_task
+
     card = read_card(args.model)
+    task = get_task(card)
     pre = Preprocess.from_dict(card["preprocess"])
-    data = open_dataset(args.data, args.split, format=args.format)
-    if list(data.classes) != list(card["classes"]):
-        raise BckdError(f"{args.model} predicts classes {card['classes']} but {args.data} has "
-                        f"{data.classes}; evaluate on the dataset the model was trained for")
+    data = open_dataset(args.data, args.split, format=args.format or task.dataset_format)
+    task.check_dataset(data, card, args.model)
     writer = None
     if args.save_predictions:
-        from runtime.predictions import PredictionWriter
-
-        writer = PredictionWriter(args.save_predictions, {
-            "model": str(args.model), "model_sha256": card.get("sha256"), "split": args.split,
-            "data": str(args.data), "classes": list(card["classes"]),
-            "preprocess": card["preprocess"]}, force=args.force)
+        manifest = {"model": str(args.model), "model_sha256": card.get("sha256"),
+                    "split": args.split, "data": str(args.data), "classes": list(card["classes"]),
+                    "preprocess": card["preprocess"]}
+        if hasattr(data, "category_ids"):
+            manifest["category_ids"] = list(data.category_ids)
+        writer = task.writer(args.save_predictions, manifest, force=args.force)
     from runtime.progress import Progress
 
     with _open(args) as runner, Progress(f"[eval] {os.path.basename(args.model)} ({args.backend})",
@@ -269,14 +273,41 @@ def cmd_score(args: argparse.Namespace) -> None:
     from runtime.predictions import read_manifest, score_predictions
     from runtime.progress import Progress
 
-    manifest = read_manifest(args.predictions)
+    from runtime.tasks.det_predictions import FORMAT as DETECTIONS
+
+    manifest = _any_manifest(args.predictions)
     split = args.split or manifest.get("split")
-    data = open_dataset(args.data, split, format=args.format)
+    if manifest.get("format") == DETECTIONS:  # detections: COCO AP against the annotations
+        from runtime.tasks.det_predictions import score_detections
+
+        data = open_dataset(args.data, split, format=args.format or "coco")
+        with Progress(f"[score] {os.path.basename(os.path.normpath(args.predictions))}",
+                      len(manifest["ids"])) as bar:
+            result = score_detections(args.predictions, data, progress=bar)
+        return _write_json(args.out, {"predictions": str(args.predictions), "data": str(args.data),
+                                      "split": split, **result}, args.force)
+    manifest = read_manifest(args.predictions)
+    data = open_dataset(args.data, split, format=args.format or "folder")
     with Progress(f"[score] {os.path.basename(os.path.normpath(args.predictions))}",
                   len(manifest["ids"])) as bar:
         result = score_predictions(args.predictions, data, progress=bar)
     _write_json(args.out, {"predictions": str(args.predictions), "data": str(args.data),
                            "split": split, **result}, args.force)
+
+
+def _any_manifest(folder: str) -> dict:
+    """The predictions manifest of a folder, whatever its task (validated by its reader)."""
+    path = os.path.join(folder, "predictions.json")
+    if not os.path.isfile(path):
+        from runtime.predictions import read_manifest
+
+        return read_manifest(folder)  # raises the one-line error
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BckdError(f"{path} is not a valid predictions manifest ({exc}); re-run the "
+                        "evaluation") from exc
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -404,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML run config (default: the built-in default)")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--quick", action="store_true", help="a shrunken run for smoke tests")
+    p.add_argument("--task", choices=["semantic", "detect", "instance"],
+                   help="the built-in run: semantic segmentation (default), detection (GFL) "
+                   "or instance segmentation (GFL + prototype masks)")
     p.add_argument("--cache-dir", help="teacher cache (default $BCKD_CACHE or ~/.cache/bckd)")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=cmd_run)
@@ -416,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-val", type=int, default=200)
     p.add_argument("--size", type=_size, default=(128, 128), help="image size N or HxW")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", default="semantic", choices=["semantic", "detect", "instance"],
+                   help="semantic: the folder format only (default); detect / instance: also "
+                   "COCO instances json (boxes; + RLE masks) of the same scenes")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=cmd_synth)
 
@@ -526,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_args(p)
     p.add_argument("--data", required=True, help="dataset root")
     p.add_argument("--split", default="val")
-    p.add_argument("--format", default="folder", help="dataset format (default folder)")
+    p.add_argument("--format", help="dataset format (default: folder for segmentation, coco "
+                   "for detection and instance models)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--save-predictions", metavar="DIR",
                    help="also save each predicted label map (PNG) for 'bckd score' on a host")
@@ -537,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("predictions", help="folder written by bckd eval --save-predictions")
     p.add_argument("--data", required=True, help="dataset root with the ground truth")
     p.add_argument("--split", help="split (default: the one the predictions were made on)")
-    p.add_argument("--format", default="folder", help="dataset format (default folder)")
+    p.add_argument("--format", help="dataset format (default: folder, coco for detections)")
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(func=cmd_score)

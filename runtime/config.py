@@ -33,7 +33,9 @@ class DataConfig:
     """Where the data comes from and how the network sees it."""
 
     root: str = ""  # empty: synthesise the built-in dataset into the run folder
-    format: str = "folder"
+    # What is predicted: semantic (label maps), detect (boxes) or instance (boxes + masks).
+    task: str = "semantic"
+    format: str = "folder"  # detect / instance: coco
     train_split: str = "train"
     val_split: str = "val"
     input_size: tuple[int, int] = (128, 128)  # (H, W) fed to the network at eval/export
@@ -52,6 +54,9 @@ class ModelConfig:
     # Path to ImageNet weights in the backbone's upstream format (torchvision for ResNet and
     # MobileNetV2, NVlabs/mmseg for MiT); empty: random init.
     pretrained_backbone: str = ""
+    # Detectors (task detect / instance; head gfl or retinanet): keyword arguments of
+    # distill.models.detector.build_detector, e.g. {fpn_channels: 64, num_convs: 2}.
+    detector: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,6 +105,7 @@ class ExportConfig:
     opset: int = 17
     dynamic: bool = True
     simplify: bool = True
+    nms: str = "host"  # detectors: NMS on the host (numpy) or "graph" (ONNX NonMaxSuppression)
 
 
 @dataclass
@@ -256,6 +262,29 @@ def quick_config() -> RunConfig:
         train.crop_size = (64, 64)
     cfg.profile = ProfileConfig(warmup=2, iters=10, min_seconds=0.2)
     cfg.deploy = DeployConfig(calib_images=16)
+    return cfg
+
+
+TASKS = ("semantic", "detect", "instance")
+
+
+def task_config(task: str, quick: bool = False) -> RunConfig:
+    """The built-in run of ``task``: semantic segmentation, or GFL detectors (with prototype
+    masks for instance) on COCO-format instances of the same synthetic scenes."""
+    if task not in TASKS:
+        raise BckdError(f"unknown task '{task}' (valid: {', '.join(TASKS)})")
+    cfg = quick_config() if quick else RunConfig()
+    if task == "semantic":
+        return cfg
+    cfg.data.task, cfg.data.format = task, "coco"
+    width = (0.25, 0.125) if quick else (0.5, 0.25)
+    fpn = (32, 16) if quick else (64, 32)
+    cfg.teacher = ModelConfig(backbone="resnet18", head="gfl", width=width[0],
+                              detector={"fpn_channels": fpn[0], "num_convs": 2})
+    cfg.student = ModelConfig(backbone="resnet18", head="gfl", width=width[1],
+                              detector={"fpn_channels": fpn[1], "num_convs": 2})
+    for train in (cfg.teacher_train, cfg.student_train):
+        train.lr = 0.01  # SGD on a fresh (no ImageNet) detector diverges at the seg lr
     return cfg
 
 

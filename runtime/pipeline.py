@@ -47,14 +47,18 @@ def cache_root(cfg: RunConfig) -> Path:
 
 
 def dataset_fingerprint(root: Path, splits: tuple[str, ...], format: str = "folder") -> str:
-    """sha256 over the dataset's metadata, the split lists and every image and mask they name."""
+    """sha256 over the dataset's metadata, the split lists and every image and mask (or
+    annotation file) they name."""
     h = hashlib.sha256()
     for split in splits:
         ds = open_dataset(root, split, format=format)
         h.update(sha256_json(ds.meta).encode())
+        if hasattr(ds, "ann_file"):
+            h.update(sha256_file(ds.ann_file).encode())
         for i in range(len(ds)):
             h.update(sha256_file(ds.image_path(i)).encode())
-            h.update(sha256_file(ds.mask_path(i)).encode())
+            if hasattr(ds, "mask_path"):
+                h.update(sha256_file(ds.mask_path(i)).encode())
     return h.hexdigest()
 
 
@@ -90,10 +94,6 @@ def teacher_checkpoint(cfg: RunConfig, data_root: Path, fingerprint: str, log: L
     return ckpt
 
 
-def _pct(value: float | None) -> float | None:
-    return None if value is None else round(100 * value, 2)
-
-
 # Validation images cycled through by the per-stage timing of each artifact.
 STAGE_IMAGES = 8
 
@@ -110,9 +110,14 @@ def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
     from runtime.evaluate import evaluate_runner
     from runtime.profile import profile_pipeline, profile_runner
 
+    from runtime.tasks import get_task
+
     card = read_card(artifact)
+    task = get_task(card)
     pre = Preprocess.from_dict(card["preprocess"])
     val = open_dataset(data_root, cfg.data.val_split, format=cfg.data.format)
+    if task.name != "semantic":
+        examples = None  # report.html draws example masks of semantic rows only
     threads = cfg.profile.threads or os.cpu_count() or 1
     options = {"precision": "f32"} if backend == "openvino" else {}  # never the device default
     keep = examples.writer() if examples is not None else None
@@ -125,7 +130,8 @@ def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
                              min_seconds=cfg.profile.min_seconds, batch=cfg.profile.batch)
         # Decoded images -> preprocess -> inference -> label map, on real validation images.
         images = [val.load(i)[0] for i in range(min(len(val), STAGE_IMAGES))]
-        pipe = profile_pipeline(runner, images, pre, batch=cfg.profile.batch,
+        pipe = profile_pipeline(runner, images, pre, task.stage_postprocess(card),
+                                batch=cfg.profile.batch, named=task.name != "semantic",
                                 warmup=cfg.profile.warmup, iters=cfg.profile.iters,
                                 min_seconds=cfg.profile.min_seconds / 2)
         backend, precision, device = runner.backend, runner.precision, runner.device
@@ -136,12 +142,7 @@ def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
         "model": card.get("role", "student"), "method": card.get("method", "none"),
         "arch": f"{a['backbone']}-{a['head']}-w{a['width']:g}", "backend": backend,
         "precision": precision, "device": device, "threads": threads,
-        "input_size": list(pre.size), "miou": round(100 * acc["miou"], 2),
-        "pixel_acc": round(100 * acc["pixel_acc"], 2),
-        "boundary_f": _pct(acc["boundary_f"]), "boundary_iou": _pct(acc["boundary_iou"]),
-        "lhd": None if acc["lhd"] is None else round(acc["lhd"], 3),
-        "per_class_iou": {k: (None if v is None else round(100 * v, 2))
-                          for k, v in acc["per_class_iou"].items()},
+        "input_size": list(pre.size), "task": task.name, **task.row(acc),
         "latency_ms": {k: round(stats[k], 3) for k in ("p50", "p90", "p99", "mean", "std",
                                                        "min", "max")},
         "latency_histogram": stats["histogram"],
@@ -220,6 +221,7 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
     from runtime.data.synth import synthesize
 
     from distill.losses import method_names
+    from runtime.tasks import get_task
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise BckdError("bckd run exports and profiles on one machine and cannot run under "
@@ -232,7 +234,7 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
             raise BckdError(f"deploy.students names '{method}', which is not one of the run's "
                             f"methods ({', '.join(cfg.methods)})")
     for method in cfg.methods:
-        method_names(method, method_kd(method, cfg.kd_options).options)
+        method_names(method, method_kd(method, cfg.kd_options).options, cfg.data.task)
     start = time.perf_counter()
     with staged_dir(out, force=force) as tmp:
         data_root = Path(cfg.data.root) if cfg.data.root else tmp / "data"
@@ -243,7 +245,7 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
             log(f"[data] synthesising {s.n_train}+{s.n_val} images at {s.size} (seed {s.seed})")
             with Progress("[data] synthesising", s.n_train + s.n_val) as bar:
                 synthesize(data_root, n_train=s.n_train, n_val=s.n_val, size=tuple(s.size),
-                           seed=s.seed, progress=bar)
+                           seed=s.seed, progress=bar, task=cfg.data.task)
         fingerprint = dataset_fingerprint(data_root, (cfg.data.train_split, cfg.data.val_split),
                                           cfg.data.format)
         teacher = teacher_checkpoint(cfg, data_root, fingerprint, log)
@@ -265,7 +267,7 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
             label = str(ckpt.relative_to(tmp)) if ckpt.is_relative_to(tmp) else str(ckpt)
             export_checkpoint(ckpt, onnx_path, opset=cfg.export.opset,
                               dynamic=cfg.export.dynamic, simplify=cfg.export.simplify,
-                              extra={"role": role}, source_label=label)
+                              extra={"role": role}, source_label=label, nms=cfg.export.nms)
             log(f"[measure] {role}/{method}: evaluating and profiling with onnxruntime")
             rows.append(measure(onnx_path, data_root, tmp, cfg, examples=examples))
             if role == "student" and method in deployed:
@@ -275,6 +277,7 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
             "name": val.meta.get("name"), "root": root_label,
             "classes": val.classes, "train_split": cfg.data.train_split,
             "val_split": cfg.data.val_split, "val_images": len(val), "fingerprint": fingerprint})
+        report["task"] = get_task(cfg.data.task).name
         report["results"] = rows
         report["wall_seconds"] = round(time.perf_counter() - start, 1)
         write_report(tmp, report, examples)

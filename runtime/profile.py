@@ -407,8 +407,11 @@ def profile_pipeline(
     max_seconds: float = 60.0,
     cv_threshold: float = DEFAULT_CV_THRESHOLD,
     clock: Clock = time.perf_counter_ns,
+    named: bool = False,
 ) -> PipelineStats:
     """Time raw uint8 HxWx3 ``images`` -> ``preprocess`` -> inference -> ``postprocess``.
+
+    ``postprocess`` takes the first output, or with ``named`` every output by name (detectors).
 
     Each iteration takes the next ``batch`` images (cycling through ``images``). ``preprocess`` is a
     :class:`~runtime.data.preprocess.Preprocess` (its ``batch``) or any callable from a list of
@@ -421,7 +424,8 @@ def profile_pipeline(
     with activated(runner):
         x = pre(groups[0])
         runner.check_input(x)
-        infer = lambda x: runner.infer(x, check=False)  # noqa: E731
+        infer = ((lambda x: runner.run(x, check=False)) if named  # noqa: E731
+                 else (lambda x: runner.infer(x, check=False)))
         warm = warm_up(_cycling_step(groups, pre, infer, postprocess), proto.warmup, clock)
         marks, total_ns = _pipeline_loop(groups, pre, infer, postprocess, proto, clock)
         context = {**runner.describe(), "input_shape": list(x.shape), "images": len(images)}

@@ -59,7 +59,7 @@ from runtime.files import atomic_write_json, atomic_write_text
 
 REPORT_SCHEMA = "bckd.report"
 REPORT_SCHEMA_VERSION = 2
-ROW_REQUIRED = ("model", "method", "backend", "precision", "miou", "latency_ms", "fps")
+ROW_REQUIRED = ("model", "method", "backend", "precision", "latency_ms", "fps")
 LATENCY_KEYS = ("p50", "p90", "p99")
 VERSIONED_PACKAGES = ("numpy", "onnx", "onnxruntime", "openvino", "torch", "pillow")
 
@@ -104,6 +104,9 @@ def new_report(config: dict[str, Any], dataset: dict[str, Any]) -> dict[str, Any
 def validate_row(row: dict[str, Any]) -> None:
     """Raise ValueError if a result row lacks a field the schema promises."""
     missing = [k for k in ROW_REQUIRED if k not in row]
+    metric = row_task(row).metric
+    if metric not in row:
+        missing.append(metric)
     missing += [f"latency_ms.{k}" for k in LATENCY_KEYS if k not in row.get("latency_ms", {})]
     if missing:
         raise ValueError(f"report row is missing {', '.join(missing)}")
@@ -122,15 +125,27 @@ def _stage(row: dict[str, Any], stage: str, key: str) -> Any:
     return ((row.get("stages_ms") or {}).get(stage) or {}).get(key)
 
 
-TABLE_COLUMNS = (
+def row_task(row: dict[str, Any]) -> Any:
+    """The task of a result row (rows written before tasks existed are semantic)."""
+    from runtime.tasks import get_task
+
+    return get_task(row.get("task") or "semantic")
+
+
+HEAD_COLUMNS = (
     ("model", "model", lambda r: r["model"]),
     ("method", "method", lambda r: r["method"]),
     ("arch", "arch", lambda r: r.get("arch")),
     ("backend", "backend", lambda r: r["backend"]),
     ("precision", "precision", lambda r: r["precision"]),
-    ("mIoU %", "miou", lambda r: r["miou"]),
-    ("bF %", "boundary_f", lambda r: r.get("boundary_f")),
-    ("LHD px", "lhd", lambda r: r.get("lhd")),
+)
+# The semantic task's columns, as the table had them before tasks existed.
+METRIC_COLUMNS = {
+    "semantic": (("mIoU %", "miou", lambda r: r["miou"]),
+                 ("bF %", "boundary_f", lambda r: r.get("boundary_f")),
+                 ("LHD px", "lhd", lambda r: r.get("lhd"))),
+}
+TAIL_COLUMNS = (
     ("p50 ms", "p50", lambda r: r["latency_ms"]["p50"]),
     ("p99 ms", "p99", lambda r: r["latency_ms"]["p99"]),
     ("FPS", "fps", lambda r: r["fps"]),
@@ -139,9 +154,26 @@ TABLE_COLUMNS = (
 )
 
 
+TABLE_COLUMNS = HEAD_COLUMNS + METRIC_COLUMNS["semantic"] + TAIL_COLUMNS
+
+
+def metric_columns(task: Any) -> tuple:
+    """A task's metric columns: its own ``columns`` (key, header) read from the row."""
+    if task.name in METRIC_COLUMNS:
+        return METRIC_COLUMNS[task.name]
+    return tuple((header, key, lambda r, k=key: r.get(k)) for key, header, _ in task.columns)
+
+
+def table_columns(report: dict[str, Any]) -> tuple:
+    rows = report["results"]
+    task = row_task(rows[0] if rows else {"task": report.get("task")})
+    return HEAD_COLUMNS + metric_columns(task) + TAIL_COLUMNS
+
+
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = [c[0] for c in TABLE_COLUMNS]
-    body = [[_fmt(get(row)) for _, _, get in TABLE_COLUMNS] for row in report["results"]]
+    columns = table_columns(report)
+    header = [c[0] for c in columns]
+    body = [[_fmt(get(row)) for _, _, get in columns] for row in report["results"]]
     return header, body
 
 

@@ -193,12 +193,21 @@ def _histogram_bars(hist: dict[str, list] | None, colour: str, sx: _Scale, y: fl
 
 
 # -- accuracy vs latency ---------------------------------------------------------------------
+def _metric(row: dict[str, Any]) -> tuple[str, str]:
+    """The headline metric of a row's task: (row key, display name)."""
+    from runtime.report import row_task
+
+    task = row_task(row)
+    return task.metric, {"miou": "mIoU", "box_ap": "box AP"}.get(task.metric, task.metric)
+
+
 def pareto_svg(rows: Sequence[dict[str, Any]], width: int = 620, height: int = 380) -> str:
     """mIoU against p50 latency, points labelled, the Pareto front as a staircase."""
     if not rows:
         return '<svg id="pareto-plot" class="plot" width="0" height="0"></svg>'
     left, right, top, bottom = 56, 150, 14, 46
-    pts = [(r["latency_ms"]["p50"], r["miou"]) for r in rows]
+    metric, name = _metric(rows[0])
+    pts = [(r["latency_ms"]["p50"], r[metric]) for r in rows]
     xt = nice_ticks(0.0, max(p[0] for p in pts) * 1.05)
     ys = [p[1] for p in pts]
     yt = nice_ticks(max(min(ys) - 2, 0.0), min(max(ys) + 2, 100.0), 5)
@@ -206,9 +215,9 @@ def pareto_svg(rows: Sequence[dict[str, Any]], width: int = 620, height: int = 3
     sy = _Scale(yt[0], yt[-1], height - bottom, top)
     parts = [f'<svg id="pareto-plot" class="plot" '
              f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-             f'aria-label="mIoU against p50 latency with the Pareto front">']
+             f'aria-label="{name} against p50 latency with the Pareto front">']
     parts += _x_axis(xt, sx, height - bottom, top, "p50 latency (ms)")
-    parts += _y_axis(yt, sy, sx, "mIoU (%)")
+    parts += _y_axis(yt, sy, sx, f"{name} (%)")
     front = pareto_front(pts)
     parts.append(_staircase([(sx(pts[i][0]), sy(pts[i][1])) for i in front]))
     xy = [(sx(x), sy(y)) for x, y in pts]
@@ -251,7 +260,8 @@ def _point(row: dict[str, Any], colour: str, xy: tuple[float, float],
         mark = f'<circle cx="{_num(x)}" cy="{_num(y)}" r="4.5" fill="{colour}"/>'
     # a label moved off its point gets a leader line back to it
     leader = "" if abs(ly - 4 - y) < 1 else _seg("leader", x, y, lx, ly - 4)
-    return (f'<g class="{cls}"><title>{label}: mIoU {row["miou"]:.2f} %, p50 '
+    metric, name = _metric(row)
+    return (f'<g class="{cls}"><title>{label}: {name} {row[metric]:.2f} %, p50 '
             f'{row["latency_ms"]["p50"]:.3f} ms</title>{leader}{mark}'
             f'<text class="point-label" x="{_num(lx)}" y="{_num(ly)}" '
             f'text-anchor="{anchor}">{label}</text></g>')

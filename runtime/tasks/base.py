@@ -56,5 +56,12 @@ class Task(abc.ABC):
     def row(self, summary: dict[str, Any]) -> dict[str, Any]:
         """The report-row fields of an evaluation summary, in report units (percent)."""
 
+    def stage_postprocess(self, card: dict[str, Any] | None) -> Any:
+        """What per-stage timing calls after inference (on the first output, or on all of them
+        by name for tasks other than semantic)."""
+        from runtime.profile import label_map
+
+        return label_map
+
     def check_dataset(self, dataset: Any, card: dict[str, Any] | None, model: Any) -> None:
         """Raise a BckdError when ``dataset`` cannot be scored with this model."""

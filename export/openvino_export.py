@@ -104,7 +104,31 @@ def _check_card_hash(onnx_path: Path, card: dict, onnx_sha: str) -> None:
         )
 
 
+def _nms_adapted(onnx_path: Path) -> Any:
+    """The ONNX graph to convert: with bckd's NMS stage, the copy whose IoU threshold is moved
+    one float32 step up, since OpenVINO suppresses at IoU >= threshold where ONNX Runtime (and
+    the host NMS) suppress at > (export.nms_graph.for_openvino)."""
+    onnx = require("onnx", "converting to OpenVINO")
+    proto = onnx.load(str(onnx_path))
+    if not any(n.op_type == "NonMaxSuppression" for n in proto.graph.node):
+        return None
+    from export.nms_graph import for_openvino
+
+    return for_openvino(proto)
+
+
 def _convert(ov: Any, onnx_path: Path, input_shape: Sequence[int] | None) -> Any:
+    adapted = _nms_adapted(onnx_path)
+    if adapted is not None:  # OpenVINO converts files only; its ONNX reader copies the weights
+        onnx = require("onnx", "converting to OpenVINO")
+        with tempfile.TemporaryDirectory(prefix="bckd-ov.") as tmp:
+            path = Path(tmp) / onnx_path.name
+            onnx.save_model(adapted, str(path))
+            return _convert_file(ov, path, input_shape)
+    return _convert_file(ov, onnx_path, input_shape)
+
+
+def _convert_file(ov: Any, onnx_path: Path, input_shape: Sequence[int] | None) -> Any:
     try:
         model = ov.convert_model(str(onnx_path))
         if input_shape is not None:

@@ -334,31 +334,57 @@ def test_backward_under_bf16_autocast(head):
 # ONNX export: traced at 64x64, run at 96x128 and batch 2
 
 
-@pytest.mark.parametrize("head", HEADS)
-def test_onnx_export_runs_at_another_size(head):
-    ort = pytest.importorskip("onnxruntime")
-    model = detector(head, masks=True).eval()
-    with torch.no_grad():  # non-trivial outputs: the init puts every score near 0.01
-        for p in model.head.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+def export_onnx(model: torch.nn.Module) -> bytes:
+    """``model`` traced at 1x3x64x64 with dynamic batch/height/width (legacy tracer, opset 17)."""
     names = list(model.output_names)
     axes = {"input": {0: "batch", 2: "height", 3: "width"},
             **{n: {0: "batch", 1: "priors"} for n in names[:3]},
             "proto": {0: "batch", 2: "proto_height", 3: "proto_width"}}
     buf = io.BytesIO()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notices
         torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), buf, dynamo=False, opset_version=17,
                           input_names=["input"], output_names=names, dynamic_axes=axes)
-    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
-    x = 2 * torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
-    got = dict(zip(names, session.run(None, {"input": x.numpy()})))
+    return buf.getvalue()
+
+
+def exportable(head: str) -> torch.nn.Module:
+    model = detector(head, masks=True).eval()
+    with torch.no_grad():  # non-trivial outputs: the init puts every score near 0.01
+        for p in model.head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+RUN_INPUT = 2 * torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+TOL = {"boxes": 1e-3, "scores": 1e-5, "mask_coeffs": 1e-4, "proto": 1e-4}
+
+
+def check_outputs(model: torch.nn.Module, got: list[np.ndarray]) -> None:
     with torch.no_grad():
-        ref = dict(zip(names, model(x)))
-    assert got["boxes"].shape == (2, (12 * 16 + 6 * 8 + 3 * 4) * model.head.num_anchors, 4)
-    assert got["proto"].shape == (2, 4, 24, 32)
-    tol = {"boxes": 1e-3, "scores": 1e-5, "mask_coeffs": 1e-4, "proto": 1e-4}
-    for name in names:
-        np.testing.assert_allclose(got[name], ref[name].numpy(), atol=tol[name], rtol=0,
-                                   err_msg=name)
-    assert ref["boxes"].max() > 64  # the boxes were clamped to the run size, not the traced one
+        ref = model(RUN_INPUT)
+    for name, g, r in zip(model.output_names, got, ref):
+        np.testing.assert_allclose(g, r.numpy(), atol=TOL[name], rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_onnx_export_runs_at_another_size(head):
+    ort = pytest.importorskip("onnxruntime")
+    model = exportable(head)
+    session = ort.InferenceSession(export_onnx(model), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": RUN_INPUT.numpy()})
+    n = (12 * 16 + 6 * 8 + 3 * 4) * model.head.num_anchors
+    assert [g.shape for g in got] == [(2, n, 4), (2, n, 3), (2, n, 4), (2, 4, 24, 32)]
+    check_outputs(model, got)
+    assert got[0].max() > 64  # boxes clamped to the run size, not the traced one
+
+
+def test_onnx_export_runs_on_openvino(tmp_path):
+    ov = pytest.importorskip("openvino")
+    model = exportable("gfl")
+    path = tmp_path / "det.onnx"
+    path.write_bytes(export_onnx(model))
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    result = compiled(RUN_INPUT.numpy())
+    check_outputs(model, [result[i] for i in range(len(model.output_names))])

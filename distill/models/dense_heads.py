@@ -95,11 +95,10 @@ class DenseHead(nn.Module):
     """Shared towers and the prior machinery; subclasses define the box code and the losses."""
 
     num_anchors = 1  # priors per location
-    box_code_size = 4  # box-code channels per prior
 
     def __init__(
         self, *, in_channels: int, num_classes: int, channels: int, num_convs: int = 4,
-        num_protos: int = 0, strides: Sequence[int] = STRIDES,
+        num_protos: int = 0, strides: Sequence[int] = STRIDES, box_code_size: int = 4,
     ) -> None:
         super().__init__()
         if num_convs < 0 or channels < 1:
@@ -114,7 +113,7 @@ class DenseHead(nn.Module):
         self.reg_convs = _tower(in_channels, channels, num_convs)
         tower_out = channels if num_convs else in_channels
         self.cls_out = nn.Conv2d(tower_out, a * num_classes, 3, padding=1)
-        self.reg_out = nn.Conv2d(tower_out, a * self.box_code_size, 3, padding=1)
+        self.reg_out = nn.Conv2d(tower_out, a * box_code_size, 3, padding=1)
         self.coeff_out = nn.Conv2d(tower_out, a * num_protos, 3, padding=1) if num_protos else None
         for stride in self.strides:  # buffers: they follow .to(device); the tracer keeps them
             self.register_buffer(f"anchors_s{stride}", self.base_anchors(stride), persistent=False)
@@ -202,9 +201,8 @@ class GFLHead(DenseHead):
     def __init__(self, *, reg_max: int = 16, **kwargs: Any) -> None:
         if reg_max < 1:
             raise BckdError(f"GFL reg_max must be >= 1, got {reg_max}")
+        super().__init__(box_code_size=4 * (reg_max + 1), **kwargs)
         self.reg_max = reg_max
-        self.box_code_size = 4 * (reg_max + 1)
-        super().__init__(**kwargs)
         self.scales = nn.ModuleList(Scale() for _ in self.strides)
 
     def _reg_level(self, reg: Tensor, level: int) -> Tensor:

@@ -8,7 +8,7 @@ entry here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from runtime.data.preprocess import Preprocess, resize_mask
+from runtime.data.preprocess import Preprocess
 from runtime.registry import Registry
 from runtime.tasks import get_task, task_name
 
@@ -254,8 +254,3 @@ for _spec in (SemanticSpec(), DetectSpec(), InstanceSpec()):
     SPECS.register(_spec.name)(_spec)
 
 __all__ = ["SPECS", "TaskSpec", "get_spec", "validate_detector", "DetDataset"]
-
-
-def targets_count(targets: Sequence[dict]) -> int:
-    """Ground-truth boxes in a batch of detection targets (for logs)."""
-    return int(sum(len(t["labels"]) for t in targets))

@@ -5,7 +5,9 @@ The FP32 model (ONNX, or OpenVINO IR ``.xml``) is read with OpenVINO, quantized 
 ``subset_size`` is the number of images — and saved as IR with weights kept in full precision
 (``compress_to_fp16=False``: the INT8 model's float parts stay FP32). The IR gets the same
 calibration card as :func:`calib.quantize.quantize_onnx`, so evaluation refuses the calibration
-images. openvino and nncf are imported lazily (architecture.md rule 6).
+images. Detectors keep their float tail (every op with no weighted op downstream: box decoding,
+sigmoid, the DFL integral, NMS) out of NNCF's reach through its ignored scope, as the Q/DQ route
+does. openvino and nncf are imported lazily (architecture.md rule 6).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from calib.quantize import int8_card, source_card
+from calib.quantize import int8_card, keeps_float_tail, source_card
 from calib.reader import CalibrationReader
 from runtime.card import tool_versions, write_card
 from runtime.errors import BckdError
@@ -53,19 +55,53 @@ def _quiet_nncf() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _ignored_scope(nncf: Any, names: Sequence[str]) -> Any:
-    # validate=True: a name that matches no node is an error, not a silently ignored typo.
+def _ignored_scope(nncf: Any, names: Sequence[str], tail: Sequence[str] = ()) -> Any:
+    # validate=True: a name that matches no node is an error, not a silently ignored typo. The
+    # tail names come from the model itself; NNCF's graph may omit some (shape subgraphs).
+    if tail:
+        return nncf.IgnoredScope(names=list(dict.fromkeys([*names, *tail])), validate=False)
     return nncf.IgnoredScope(names=list(names), validate=True) if names else None
 
 
-def _quantize(model: Any, reader: CalibrationReader, preset: str, ignored: Sequence[str]) -> Any:
+# OpenVINO op types carrying weights (the counterpart of calib.quantize.WEIGHTED_OPS)
+OV_WEIGHTED = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul")
+_NOT_OPS = ("Parameter", "Result", "Constant")
+
+
+def ov_float_tail(model: Any) -> list[str]:
+    """Friendly names of the ops of an ov.Model with no weighted op downstream, in order."""
+    ops = list(model.get_ordered_ops())
+    feeds: dict[str, bool] = {}  # friendly name -> a weighted op is downstream
+    for op in reversed(ops):
+        hit = False
+        for out in op.outputs():
+            for target in out.get_target_inputs():
+                node = target.get_node()
+                if node.get_type_name() in OV_WEIGHTED or feeds.get(node.get_friendly_name()):
+                    hit = True
+        feeds[op.get_friendly_name()] = hit
+    return [op.get_friendly_name() for op in ops
+            if not feeds[op.get_friendly_name()] and op.get_type_name() not in OV_WEIGHTED + _NOT_OPS]
+
+
+def _check_names(model: Any, names: Sequence[str]) -> None:
+    known = {op.get_friendly_name() for op in model.get_ordered_ops()}
+    for name in names:
+        if name not in known:
+            raise BckdError(unknown_name_message("node to keep in float", name, sorted(known)))
+
+
+def _quantize(model: Any, reader: CalibrationReader, preset: str, ignored: Sequence[str],
+              tail: Sequence[str] = ()) -> Any:
     nncf = require("nncf", "NNCF quantization for OpenVINO")
     dataset = nncf.Dataset(_OneImageItems(reader))
+    if tail:
+        _check_names(model, ignored)
     try:
         with _quiet_nncf():
             return nncf.quantize(
                 model, dataset, preset=getattr(nncf.QuantizationPreset, PRESETS[preset]),
-                subset_size=len(reader.ids), ignored_scope=_ignored_scope(nncf, ignored),
+                subset_size=len(reader.ids), ignored_scope=_ignored_scope(nncf, ignored, tail),
             )
     except nncf.ValidationError as exc:  # e.g. an ignored_scope name that matches no node
         raise BckdError(f"NNCF refused the quantization settings ({_first_line(exc)}); "
@@ -112,13 +148,17 @@ def quantize_openvino(model_path: str | os.PathLike, out: str | os.PathLike,
     base = source_card(model_path, reader)
     ov = require("openvino", "NNCF quantization for OpenVINO")
     start = time.perf_counter()
-    quantized = _quantize(ov.Core().read_model(str(model_path)), reader, preset, ignored_scope)
+    model = ov.Core().read_model(str(model_path))
+    tail = ov_float_tail(model) if keeps_float_tail(base) else []
+    quantized = _quantize(model, reader, preset, ignored_scope, tail)
     seconds = round(time.perf_counter() - start, 3)
     out.parent.mkdir(parents=True, exist_ok=True)
     _save_ir(quantized, out)
     quantization = {"format": "openvino-ir", "tool": "nncf.quantize", "preset": preset,
                     "subset_size": len(reader.ids), "ignored_scope": list(ignored_scope),
                     "compress_to_fp16": False}
+    if tail:
+        quantization["float_tail"] = {"rule": "no weighted layer downstream", "nodes": len(tail)}
     card = int8_card("openvino-ir", base, model_path, reader, quantization,
                      {"method": f"nncf-{preset}", "batch_size": 1, "seconds": seconds})
     card["tools"] = tool_versions("openvino", "nncf", "numpy")

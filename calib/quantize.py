@@ -102,11 +102,18 @@ class Calibration:
     ``info`` is what the card records about the calibration run.
     """
 
-    def __init__(self, model: Path, cache: Path, method: str, info: dict[str, Any]) -> None:
+    def __init__(self, model: Path, cache: Path, method: str, info: dict[str, Any],
+                 keep_tail: bool = False) -> None:
         self.model, self.cache, self.method, self.info = model, cache, method, info
         onnx = require("onnx", "INT8 calibration")
+        graph = onnx.load(str(model)).graph
         # node name -> op type, in graph order (unnamed nodes cannot be named for exclusion)
-        self.op_types = {n.name: n.op_type for n in onnx.load(str(model)).graph.node if n.name}
+        self.op_types = {n.name: n.op_type for n in graph.node if n.name}
+        # Nodes always kept in float (the detector's postprocess), not candidates for the search.
+        self.tail = float_tail(graph) if keep_tail else []
+        if keep_tail:
+            self.info = dict(info, float_tail={"rule": "no weighted layer downstream",
+                                               "nodes": len(self.tail)})
 
     def nodes(self, op_types: Sequence[str] | None = WEIGHTED_OPS) -> list[str]:
         """Names of the graph's nodes (of ``op_types``; all with None), in graph order."""
@@ -118,13 +125,16 @@ class Calibration:
         self._check_nodes(nodes_to_exclude)
         dtype, symmetric = ACTIVATIONS[check_activations(activations)]
         q = _quant()
+        options = dict(QDQ_OPTIONS, ActivationSymmetric=symmetric)
+        if self.tail:  # a weighted layer's output is quantized only where a quantized op reads it
+            options["OpTypesToExcludeOutputQuantization"] = list(WEIGHTED_OPS)
         with contextlib.redirect_stdout(io.StringIO()):  # ORT prints progress to stdout
             q.quantize_static(
                 str(self.model), str(out), None, quant_format=q.QuantFormat.QDQ, per_channel=True,
                 activation_type=getattr(q.QuantType, dtype), weight_type=q.QuantType.QInt8,
-                nodes_to_exclude=list(nodes_to_exclude),
+                nodes_to_exclude=list(dict.fromkeys([*nodes_to_exclude, *self.tail])),
                 calibrate_method=getattr(q.CalibrationMethod, METHODS[self.method]),
-                extra_options=dict(QDQ_OPTIONS, ActivationSymmetric=symmetric),
+                extra_options=options,
                 calibration_cache_path=str(self.cache),
             )
         _drop_unused_opsets(Path(out))
@@ -136,16 +146,32 @@ class Calibration:
                                                      self.nodes()) + " (names of the prepared graph)")
 
 
+def float_tail(graph: Any, weighted: Sequence[str] = WEIGHTED_OPS) -> list[str]:
+    """Names of the nodes of ``graph`` (onnx GraphProto, topologically sorted) that have no
+    weighted layer (``weighted`` op types) downstream of them, in graph order."""
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            consumers.setdefault(name, []).append(i)
+    feeds_weighted = [False] * len(graph.node)
+    for i in range(len(graph.node) - 1, -1, -1):  # reverse topological order
+        feeds_weighted[i] = any(graph.node[j].op_type in weighted or feeds_weighted[j]
+                                for out in graph.node[i].output for j in consumers.get(out, ()))
+    return [n.name for n, f in zip(graph.node, feeds_weighted)
+            if not f and n.op_type not in weighted]
+
+
 @contextlib.contextmanager
 def calibrate(onnx_path: str | os.PathLike, reader: CalibrationReader, *, method: str = "minmax",
               num_bins: int | None = None, percentile: float = DEFAULT_PERCENTILE,
-              optimize: bool = True) -> Iterator[Calibration]:
+              optimize: bool = True, keep_tail: bool = False) -> Iterator[Calibration]:
     """Prepare ``onnx_path`` and compute its activation ranges over ``reader``'s images.
 
     With ``optimize`` the graph first goes through ``quant_pre_process`` (shape inference and ONNX
     Runtime's basic graph optimizations); if that fails the original graph is used and the
     reason is recorded. Temporary files (prepared and augmented models, the range cache) are
-    removed when the block exits.
+    removed when the block exits. With ``keep_tail`` the graph's :func:`float_tail` is never
+    quantized.
     """
     check_method(method)
     opts = calibrator_options(method, num_bins, percentile)
@@ -158,21 +184,42 @@ def calibrate(onnx_path: str | os.PathLike, reader: CalibrationReader, *, method
         require("onnxruntime.quantization.calibrate").save_tensors_data(ranges, cache)
         info = {"method": method, "options": opts, "batch_size": batch, **prepared,
                 "seconds": round(time.perf_counter() - start, 3)}
-        yield Calibration(model, cache, method, info)
+        yield Calibration(model, cache, method, info, keep_tail)
 
 
 def prepare_graph(onnx_path: Path, folder: Path, optimize: bool) -> tuple[Path, dict[str, Any]]:
     """The graph to calibrate: ``quant_pre_process``'d into ``folder``, or ``onnx_path`` as is."""
     if not onnx_path.is_file():
         raise BckdError(f"ONNX file {onnx_path} not found; check the path")
-    if not optimize:
-        return onnx_path, {"graph_optimized": False, "optimize_error": None}
+    info: dict[str, Any] = {"graph_optimized": False, "optimize_error": None}
     out = folder / "prepared.onnx"
-    try:
-        _quant().quant_pre_process(str(onnx_path), str(out))
-    except Exception as exc:  # an optional optimisation: the unoptimised graph still quantizes
-        return onnx_path, {"graph_optimized": False, "optimize_error": _first_line(exc)}
-    return out, {"graph_optimized": True, "optimize_error": None}
+    if optimize:
+        try:
+            _quant().quant_pre_process(str(onnx_path), str(out))
+            info["graph_optimized"] = True
+        except Exception as exc:  # an optional optimisation: the unoptimised graph still quantizes
+            info["optimize_error"] = _first_line(exc)
+    source = out if info["graph_optimized"] else onnx_path
+    return (_name_nodes(source, out) or source), info
+
+
+def _name_nodes(source: Path, out: Path) -> Path | None:
+    """Give unnamed nodes a name (``bckd_<op>_<index>``), so every node can be kept in float;
+    the named graph is written to ``out``. None when every node already has a name."""
+    onnx = require("onnx", "INT8 calibration")
+    model = onnx.load(str(source))
+    taken = {n.name for n in model.graph.node}
+    unnamed = [(i, n) for i, n in enumerate(model.graph.node) if not n.name]
+    if not unnamed:
+        return None
+    for i, node in unnamed:
+        name = f"bckd_{node.op_type}_{i}"
+        while name in taken:
+            name += "_"
+        node.name = name
+        taken.add(name)
+    onnx.save_model(model, str(out))
+    return out
 
 
 def _model_input(model: Path) -> Any:
@@ -254,6 +301,13 @@ def source_card(onnx_path: str | os.PathLike, reader: CalibrationReader) -> dict
     return card
 
 
+def keeps_float_tail(card: dict[str, Any]) -> bool:
+    """Whether the card's task keeps its postprocess tail in float under INT8 (detectors)."""
+    from runtime.tasks import get_task
+
+    return bool(get_task(card).int8_float_tail)
+
+
 def int8_card(kind: str, base: dict[str, Any], source: str | os.PathLike, reader: CalibrationReader,
               quantization: dict[str, Any], calibration: dict[str, Any]) -> dict[str, Any]:
     """The card of an INT8 artifact made from ``source``: its FP32 card plus what calibration did."""
@@ -285,7 +339,7 @@ def quantize_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, reader: 
     check_activations(activations)
     base = source_card(onnx_path, reader)
     with calibrate(onnx_path, reader, method=method, num_bins=num_bins, percentile=percentile,
-                   optimize=optimize) as cal:
+                   optimize=optimize, keep_tail=keeps_float_tail(base)) as cal:
         return write_qdq(cal, out, base, onnx_path, reader, nodes_to_exclude,
                          activations=activations)
 
@@ -316,6 +370,7 @@ def qdq_description(excluded: Sequence[str], info: dict[str, Any],
                         "granularity": "per-tensor"},
         "weights": {"dtype": "int8", "symmetric": True, "granularity": "per-channel"},
         "bias": "float", "excluded_nodes": list(excluded),
+        "float_tail": info.get("float_tail"),
         "graph_optimized": info.get("graph_optimized"),
     }
 

@@ -1,8 +1,9 @@
 """Accuracy-aware INT8: keep the most sensitive layers in float until a task-accuracy budget holds.
 
 1. Score the FP32 model and the fully quantized model on a small held-out set (disjoint from the
-   calibration images) with a scoring function — mIoU in points by default; any
-   ``score(runner) -> float`` where higher is better fits (COCO AP, say).
+   calibration images) with a scoring function — by default the task's budget metric in points
+   (mIoU for semantic segmentation, COCO box AP for detect, mask AP for instance); any
+   ``score(runner) -> float`` where higher is better fits.
 2. If the drop exceeds ``budget``, rank the weighted layers (Conv, ConvTranspose, Gemm, MatMul) by
    how much of the score keeping each one alone in float recovers (leave-one-out).
 3. Keep layers in float greedily, most sensitive first, until the drop is within budget; each
@@ -24,7 +25,7 @@ import numpy as np
 
 from calib.card import shared_images
 from calib.quantize import (DEFAULT_PERCENTILE, WEIGHTED_OPS, Calibration, calibrate,
-                            source_card, write_qdq)
+                            keeps_float_tail, source_card, write_qdq)
 from calib.reader import CalibrationReader, choose_indices
 from runtime.backends import open_runner
 from runtime.data.preprocess import Preprocess
@@ -42,14 +43,29 @@ class BudgetWarning(UserWarning):
     """Even with every candidate layer in float the score drop exceeds the budget."""
 
 
+def task_scorer(dataset: Any, preprocess: Preprocess, card: dict[str, Any],
+                batch_size: int = 8) -> Scorer:
+    """A scorer giving the budget metric of ``card``'s task in points (0-100) of a runner on
+    ``dataset``, postprocessed as ``card`` says (NMS settings included)."""
+    from runtime.tasks import get_task
+
+    task = get_task(card)
+    key = task.budget_metric
+
+    def score(runner: Any) -> float:
+        value = evaluate_runner(runner, dataset, preprocess, batch_size=batch_size, task=task,
+                                card=card)[key]
+        return 100.0 * float(value or 0.0)
+
+    score.name = key  # type: ignore[attr-defined]
+    return score
+
+
 def miou_scorer(dataset: Any, preprocess: Preprocess, classes: list[str],
                 batch_size: int = 8) -> Scorer:
     """A scorer giving mIoU in points (0-100) of a runner on ``dataset``."""
-    def score(runner: Any) -> float:
-        return 100.0 * evaluate_runner(runner, dataset, preprocess, classes, batch_size)["miou"]
-
-    score.name = "miou"  # type: ignore[attr-defined]
-    return score
+    return task_scorer(dataset, preprocess, {"task": "semantic", "classes": list(classes)},
+                       batch_size)
 
 
 class Subset:
@@ -65,6 +81,13 @@ class Subset:
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else (a COCO split's ``coco``, ``category_ids``, ``task``, ...) is the
+        dataset's; COCO scoring evaluates only the images it was given."""
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return self.dataset.load(self.indices[i])
@@ -232,10 +255,10 @@ def accuracy_aware_quantize(onnx_path: str | os.PathLike, out: str | os.PathLike
     base = source_card(onnx_path, reader)
     subset = heldout_subset(heldout, heldout_images, exclude=reader)
     check_heldout(reader, subset)
-    score = score or miou_scorer(subset, reader.preprocess, base["classes"])
+    score = score or task_scorer(subset, reader.preprocess, base)
     x = reader.preprocess.batch([subset.load(0)[0]])
     with calibrate(onnx_path, reader, method=method, num_bins=num_bins,
-                   percentile=percentile) as cal:
+                   percentile=percentile, keep_tail=keeps_float_tail(base)) as cal:
         report = search_float_layers(cal, onnx_path, score, x, budget=budget, op_types=op_types,
                                      max_float_layers=max_float_layers, latency_iters=latency_iters,
                                      backend=backend)

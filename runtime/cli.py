@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from runtime.errors import BckdError
 
@@ -155,6 +155,14 @@ def _export_tensorrt(args: argparse.Namespace) -> None:
 EXPORTERS = {"onnx": _export_onnx, "openvino": _export_openvino, "tensorrt": _export_tensorrt}
 
 
+def _task_of(model: str) -> Any:
+    """The task of a model file's card (semantic for a file without one)."""
+    from runtime.card import card_path, read_card
+    from runtime.tasks import get_task
+
+    return get_task(read_card(model) if card_path(model).is_file() else None)
+
+
 def cmd_calib(args: argparse.Namespace) -> None:
     from calib.reader import CalibrationReader
 
@@ -164,13 +172,14 @@ def cmd_calib(args: argparse.Namespace) -> None:
     if args.activations != "int8" and (args.budget is not None or args.backend != "onnxruntime"):
         raise BckdError("--activations uint8 applies to a plain Q/DQ ONNX only (no --budget, "
                         "no --backend nncf); drop one of them")
-    reader = CalibrationReader.for_model(args.model, args.data, args.split, format=args.format,
+    fmt = args.format or _task_of(args.model).dataset_format
+    reader = CalibrationReader.for_model(args.model, args.data, args.split, format=fmt,
                                          num_images=args.images, seed=args.seed)
     if args.budget is not None:
         from calib.sensitivity import accuracy_aware_quantize
         from runtime.data import open_dataset
 
-        heldout = open_dataset(args.data, args.heldout_split or args.split, format=args.format)
+        heldout = open_dataset(args.data, args.heldout_split or args.split, format=fmt)
         card = accuracy_aware_quantize(args.model, args.out, reader, heldout, budget=args.budget,
                                        method=args.method, heldout_images=args.heldout_images,
                                        backend=args.score_on, force=args.force)
@@ -533,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root to draw calibration images from")
     p.add_argument("--split", default="train", help="calibration split (default train; "
                    "evaluation refuses to score on calibration images)")
-    p.add_argument("--format", default="folder", help="dataset format (default folder)")
+    p.add_argument("--format", help="dataset format (default: folder for segmentation, coco "
+                   "for detect / instance models)")
     p.add_argument("--out", required=True, help="INT8 file to write (.onnx, or .xml for nncf)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "nncf"],
                    help="onnxruntime: Q/DQ ONNX for ORT / OpenVINO / TensorRT (default); "
@@ -548,8 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NNCF preset")
     p.add_argument("--images", type=int, default=300, help="calibration images (default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image draw")
-    p.add_argument("--budget", type=float, help="max mIoU drop in points: keep the most "
-                   "sensitive layers in float until it holds")
+    p.add_argument("--budget", type=float, help="max drop in points of the task's metric "
+                   "(mIoU; box AP for detect, mask AP for instance): keep the most sensitive "
+                   "layers in float until it holds")
     p.add_argument("--heldout-split", help="split to measure sensitivity on (default: the "
                    "calibration split minus the calibration images)")
     p.add_argument("--heldout-images", type=int, default=100)

@@ -17,16 +17,18 @@ from runtime.tasks.base import Task
 def evaluate_runner(runner, dataset, preprocess: Preprocess, classes: list[str] | None = None,
                     batch_size: int = 1,
                     progress: Callable[[int, int], None] | None = None,
-                    writer: Any | None = None, task: Task | None = None) -> dict[str, Any]:
+                    writer: Any | None = None, task: Task | None = None,
+                    card: dict[str, Any] | None = None) -> dict[str, Any]:
     """The task's scores of ``runner`` on ``dataset`` (the runner's card decides the task).
 
     Semantic: mIoU, pixel accuracy, per-class IoU and boundary metrics (fractions, except
     ``lhd`` in pixels). Detect / instance: COCO box (and mask, boundary) AP. A model calibrated
     on any image of ``dataset`` is refused (architecture.md rule 5). With ``writer`` each
-    prediction is also saved, for scoring elsewhere (:mod:`runtime.predictions`).
+    prediction is also saved, for scoring elsewhere (:mod:`runtime.predictions`). ``card``
+    stands in for the runner's own card (a runner opened on a bare file has none).
     """
     _refuse_calibration_images(runner, dataset)
-    card = dict(getattr(runner, "card", None) or {})
+    card = dict(card if card is not None else (getattr(runner, "card", None) or {}))
     if classes is not None:
         card["classes"] = list(classes)
     task = task or get_task(card)

@@ -19,7 +19,7 @@ from runtime.data import open_dataset
 from runtime.files import sha256_file, sha256_json, staged_dir
 from runtime.progress import Progress
 from runtime.report import new_report, render_text, write_report
-from runtime.report_html import EXAMPLE_IMAGES, MaskExamples
+from runtime.report_html import EXAMPLE_IMAGES, MaskExamples, make_examples
 
 Log = Callable[[str], None]
 
@@ -116,8 +116,6 @@ def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
     task = get_task(card)
     pre = Preprocess.from_dict(card["preprocess"])
     val = open_dataset(data_root, cfg.data.val_split, format=cfg.data.format)
-    if task.name != "semantic":
-        examples = None  # report.html draws example masks of semantic rows only
     threads = cfg.profile.threads or os.cpu_count() or 1
     options = {"precision": "f32"} if backend == "openvino" else {}  # never the device default
     keep = examples.writer() if examples is not None else None
@@ -260,7 +258,7 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
                           teacher=teacher, root_label=root_label, log=log)
             checkpoints[("student", method)] = ckpt
         rows = []
-        examples = MaskExamples(example_images) if example_images > 0 else None
+        examples = make_examples(cfg.data.task, example_images) if example_images > 0 else None
         for (role, method), ckpt in checkpoints.items():
             onnx_path = tmp / "onnx" / f"{role}-{method}.onnx"
             log(f"[export] {ckpt.name} -> {onnx_path.relative_to(tmp)}")

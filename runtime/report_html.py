@@ -407,8 +407,8 @@ def png_data_uri(rgb: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _img(rgb: np.ndarray, alt: str) -> str:
-    return f'<img class="mask-image" src="{png_data_uri(rgb)}" alt="{html.escape(alt)}">'
+def _img(rgb: np.ndarray, alt: str, cls: str = "mask-image") -> str:
+    return f'<img class="{cls}" src="{png_data_uri(rgb)}" alt="{html.escape(alt)}">'
 
 
 def masks_html(examples: MaskExamples | None) -> str:
@@ -441,6 +441,123 @@ def masks_html(examples: MaskExamples | None) -> str:
             f"({BOUNDARY_TOLERANCE:g} px).</figcaption></figure>")
 
 
+# -- detections ------------------------------------------------------------------------------
+DRAW_SCORE = 0.3  # detections drawn in the #masks figure: score at least this
+DRAW_SCALE = 2  # the original image is drawn this many times larger (nearest), boxes on top
+MASK_ALPHA = 0.45
+
+
+class FirstDetections:
+    """Keeps the detections scoring >= :data:`DRAW_SCORE` of the first ``k`` images of an
+    evaluation (the writer interface of :func:`runtime.evaluate.evaluate_runner`)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.maps: list[dict[str, Any]] = []
+
+    def write(self, image_id: str, pred: dict[str, Any]) -> None:
+        if len(self.maps) < self.k:
+            keep = np.asarray(pred["scores"]) >= DRAW_SCORE
+            self.maps.append({k: np.asarray(v)[keep] for k, v in pred.items()
+                              if k in ("boxes", "scores", "labels", "masks") and v is not None})
+
+    def close(self) -> None:
+        pass
+
+
+class DetectionExamples(MaskExamples):
+    """The first ``k`` validation images at their original size, their ground-truth boxes (and
+    masks), and each measured row's detections, for the #masks figure of detect / instance."""
+
+    def load(self, dataset: Any, preprocess: Any) -> None:
+        if self.images:
+            return
+        pairs = [dataset.load(i) for i in range(min(self.k, len(dataset)))]
+        self.images = [img for img, _ in pairs]
+        self.targets = [{k: t[k] for k in ("boxes", "labels", "masks", "iscrowd")}
+                        for _, t in pairs]
+        self.ids = [str(dataset.ids[i]) for i in range(len(pairs))]
+        self.palette = [list(c) for c in dataset.palette]
+        self.classes = list(dataset.classes)
+
+    def writer(self) -> FirstDetections:  # type: ignore[override]
+        return FirstDetections(self.k)
+
+    def columns(self) -> list[tuple[str, list[Any]]]:
+        seen: dict[tuple[str, str, str], tuple[str, list[Any]]] = {}
+        for row, dets in self.entries:
+            key = (row["model"], row["method"], row["precision"])
+            if key not in seen and len(dets) == len(self.images):
+                seen[key] = (short_label(row), dets)
+        return list(seen.values())
+
+    def html(self) -> str:
+        if not self.images:
+            return masks_html(None)
+        cols = self.columns()
+        titles = ["input", "ground truth"] + [label for label, _ in cols]
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in titles)
+        body = []
+        for i, (img, tgt) in enumerate(zip(self.images, self.targets)):
+            name = self.ids[i]
+            real = ~np.asarray(tgt["iscrowd"], bool)
+            gt = {"boxes": tgt["boxes"][real], "labels": tgt["labels"][real],
+                  "masks": None if tgt["masks"] is None else tgt["masks"][real]}
+            cells = [_det_img(draw_detections(img, {}, self.palette), f"{name} input"),
+                     _det_img(draw_detections(img, gt, self.palette), f"{name} ground truth")
+                     + f'<div class="cap">{len(gt["boxes"])} objects</div>']
+            for label, dets in cols:
+                d = dets[i]
+                cells.append(_det_img(draw_detections(img, d, self.palette), f"{name} {label}")
+                             + f'<div class="cap">{len(d.get("boxes", ()))} detections</div>')
+            body.append(f"<tr><th class=\"img-id\">{html.escape(name)}</th>"
+                        + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        legend = " ".join(
+            f'<span class="sw" style="background:rgb{tuple(self.palette[c])}"></span> '
+            f"{html.escape(n)}" for c, n in enumerate(self.classes) if c < len(self.palette))
+        return (f'<figure id="masks"><table class="masks"><thead><tr><th></th>{head}</tr>'
+                f'</thead><tbody>{"".join(body)}</tbody></table><figcaption>Boxes (and masks, '
+                f"filled at {MASK_ALPHA:g} opacity) in the colour of their class: {legend}. "
+                f"Detections with score &ge; {DRAW_SCORE:g}; crowd regions are not drawn. Images "
+                f"drawn {DRAW_SCALE}&times; their size.</figcaption></figure>")
+
+
+def draw_detections(image: np.ndarray, dets: dict[str, Any],
+                    palette: Sequence[Sequence[int]], scale: int = DRAW_SCALE) -> np.ndarray:
+    """uint8 RGB picture: ``image`` enlarged ``scale`` times (nearest), each mask filled and each
+    box outlined in its label's palette colour (boxes in original pixels, xyxy)."""
+    Image = require("PIL.Image", "the images of report.html")
+    ImageDraw = require("PIL.ImageDraw", "the images of report.html")
+    rgb = np.repeat(np.repeat(np.asarray(image, np.uint8), scale, 0), scale, 1).astype(np.float32)
+    colours = np.asarray(palette, np.float32).reshape(-1, 3)
+    labels = np.asarray(dets.get("labels", ()), int)
+    masks = dets.get("masks")
+    if masks is not None:
+        for m, c in zip(masks, labels):
+            big = np.repeat(np.repeat(np.asarray(m, bool), scale, 0), scale, 1)
+            rgb[big] = (1 - MASK_ALPHA) * rgb[big] + MASK_ALPHA * colours[c % len(colours)]
+    pic = Image.fromarray(rgb.round().astype(np.uint8))
+    draw = ImageDraw.Draw(pic)
+    for box, c in zip(np.asarray(dets.get("boxes", np.zeros((0, 4))), float), labels):
+        x1, y1, x2, y2 = (box * scale).tolist()
+        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)],
+                       outline=tuple(int(v) for v in colours[c % len(colours)]), width=1)
+    return np.asarray(pic)
+
+
+def _det_img(rgb: np.ndarray, alt: str) -> str:
+    return _img(rgb, alt, "det-image")
+
+
+EXAMPLES = {"semantic": MaskExamples, "detect": DetectionExamples,
+            "instance": DetectionExamples}
+
+
+def make_examples(task: str, k: int = EXAMPLE_IMAGES) -> MaskExamples:
+    """The example figure's collector for ``task``'s predictions."""
+    return EXAMPLES.get(task, MaskExamples)(k)
+
+
 # -- page ------------------------------------------------------------------------------------
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px auto;max-width:1100px;
@@ -463,6 +580,7 @@ dl.summary dt{font-weight:600}dl.summary dd{margin:0}
 table.masks{border-collapse:collapse}table.masks td,table.masks th{padding:2px 4px;
 text-align:center;font-weight:normal;font-size:12px;vertical-align:top}
 img.mask-image{width:128px;height:auto;image-rendering:pixelated;display:block}
+img.det-image{width:192px;height:auto;display:block}
 .cap{font-size:11px;color:#555}
 .sw{display:inline-block;width:10px;height:10px;border:1px solid #999}
 .note{color:#666}
@@ -496,6 +614,13 @@ def _results_table(report: dict[str, Any]) -> str:
     return f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
 
 
+def _metric_note(report: dict[str, Any]) -> str:
+    if report.get("task", "semantic") in ("detect", "instance"):
+        return ("COCO AP (IoU 0.50:0.95, AP50 at 0.50) in percent on the validation split, "
+                "scored in original image pixels")
+    return "mIoU, bF in percent on the validation split"
+
+
 def render_html(report: dict[str, Any], examples: MaskExamples | None = None) -> str:
     """The whole page as one string; needs no network and no file next to it."""
     rows = report["results"]
@@ -504,7 +629,7 @@ def render_html(report: dict[str, Any], examples: MaskExamples | None = None) ->
         "<title>bckd report</title>", f"<style>{CSS}</style></head><body>",
         "<h1>bckd report</h1>", _summary(report),
         "<h2>Results</h2>", _results_table(report),
-        '<p class="note">mIoU, bF in percent on the validation split; latency single-stream, '
+        f'<p class="note">{_metric_note(report)}; latency single-stream, '
         "threads per row in report.json.</p>",
         "<h2>Latency per backend and precision</h2>", latency_svg(rows),
         '<p class="note">Whiskers: min to max; box: p50 (black) to p90; red tick: p99; '
@@ -512,5 +637,6 @@ def render_html(report: dict[str, Any], examples: MaskExamples | None = None) ->
         "<h2>Accuracy against latency</h2>", pareto_svg(rows),
         '<p class="note">Red dashed staircase: the Pareto front (no other row is both faster and '
         "at least as accurate); squares are reduced precision.</p>",
-        "<h2>Example masks</h2>", masks_html(examples),
+        "<h2>Example predictions</h2>",
+        examples.html() if isinstance(examples, DetectionExamples) else masks_html(examples),
         "</body></html>", ""])

@@ -380,3 +380,65 @@ def test_calib_imports_without_torch() -> None:
             "heavy = {'torch', 'onnxruntime', 'openvino', 'nncf'} & set(sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+# -- detectors: the postprocess tail stays in float ---------------------------------------------
+def tiny_detector_onnx(path: Path) -> Path:
+    """conv -> relu -> conv (cls logits) -> Sigmoid -> 'scores'; conv (box code) -> Softmax ->
+    Add an offset -> 'boxes': the shape of a dense head's decode, with a detect card."""
+    rng = np.random.default_rng(1)
+    nodes, inits = [], []
+    for name, cin, cout, x, y in [("stem", 3, 8, "input", "a"), ("cls_out", 8, 2, "a_r", "cls"),
+                                  ("reg_out", 8, 4, "a_r", "reg")]:
+        node, params = _conv(rng, name, cin, cout, 3, x, y)
+        nodes.append(node)
+        inits += params
+    nodes.insert(1, helper.make_node("Relu", ["a"], ["a_r"], name="stem_relu"))
+    inits += [numpy_helper.from_array(np.array(16.0, np.float32), "offset")]
+    nodes += [helper.make_node("Sigmoid", ["cls"], ["scores"], name="sigmoid"),
+              helper.make_node("Softmax", ["reg"], ["reg_px"], name="dfl_softmax", axis=1),
+              helper.make_node("Add", ["reg_px", "offset"], ["boxes"]),  # unnamed on purpose
+              ]
+    out = lambda n, c: helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", c, "H", "W"])  # noqa: E731
+    graph = helper.make_graph(
+        nodes, "tinydet", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                         ["N", 3, "H", "W"])],
+        [out("scores", 2), out("boxes", 4)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save_model(model, str(path))
+    write_card(path, new_card("onnx", task="detect", classes=["a", "b"], num_classes=2,
+                              preprocess=PRE.to_dict(), input_size=list(SIZE), precision="fp32",
+                              onnx={"opset": 17, "input_name": "input"},
+                              sha256=sha256_file(path)))
+    return path
+
+
+def test_float_tail_is_what_no_weighted_layer_follows() -> None:
+    from calib.quantize import float_tail
+
+    model = onnx.load(str(tiny_detector_onnx(Path(__import__("tempfile").mkdtemp()) / "d.onnx")))
+    assert float_tail(model.graph) == ["sigmoid", "dfl_softmax", ""]
+    # the three-conv segmentation model has no tail: its last node is a conv
+    assert float_tail(helper.make_graph([], "empty", [], [])) == []
+
+
+def test_detector_int8_keeps_decode_and_sigmoid_in_float(work: Path) -> None:
+    fp32 = tiny_detector_onnx(work / "det.onnx")
+    out = work / "det.int8.onnx"
+    card = quantize_onnx(fp32, out, reader_for(work, num_images=6))
+    assert card["quantization"]["float_tail"] == {"rule": "no weighted layer downstream",
+                                                 "nodes": 3}
+    graph = onnx.load(str(out)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type in ("Sigmoid", "Softmax", "Add"):  # fed straight by the float conv output
+            assert all(producer[i].op_type != "DequantizeLinear" for i in node.input
+                       if i in producer), node.name
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert len(convs) == 3 and all(producer[n.input[0]].op_type == "DequantizeLinear"
+                                   for n in convs)  # every conv still reads int8
+    x = val_images(work, 4)
+    ref, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+                .run(["boxes"], {"input": x})[0] for p in (fp32, out))
+    assert np.abs(got - ref).max() < 0.5  # pixels: per-tensor int8 boxes would be ~1 px a step

@@ -95,3 +95,39 @@ def test_an_instance_model_refuses_a_dataset_without_masks(run, tmp_path, capsys
     assert main(["eval", str(folder / "onnx" / "student-bckd.onnx"), "--data",
                  str(tmp_path / "boxes")]) == 1
     assert "no instance masks" in capsys.readouterr().err
+
+
+def test_int8_keeps_the_postprocess_in_float_and_budgets_in_ap(run, capsys) -> None:
+    import onnx
+
+    task, folder, _ = run
+    onnx_path = folder / "onnx" / "student-bckd.onnx"
+    out = folder / "int8-budget.onnx"
+    # a budget the full INT8 model meets at once: the search scores in the task's AP and stops
+    assert main(["calib", str(onnx_path), "--data", str(folder / "data"), "--images", "16",
+                 "--budget", "100", "--heldout-images", "8", "--out", str(out)]) == 0
+    capsys.readouterr()
+    card = json.loads(out.with_name(out.name + ".card.json").read_text())
+    assert card["sensitivity"]["metric"] == ("mask_ap" if task == "instance" else "box_ap")
+    assert card["sensitivity"]["within_budget"] and card["quantization"]["float_tail"]["nodes"] > 5
+    graph = onnx.load(str(out)).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    tail_ops = [n for n in graph.node if n.op_type in ("Sigmoid", "Softmax", "ReduceSum")]
+    assert tail_ops and all(producer.get(i) != "DequantizeLinear"
+                            for n in tail_ops for i in n.input)
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 10  # the body is INT8
+
+
+def test_nncf_int8_ir_keeps_the_tail_out_of_its_scope(run) -> None:
+    pytest.importorskip("nncf")
+    from calib.nncf_ptq import quantize_openvino
+    from calib.reader import CalibrationReader
+
+    task, folder, _ = run
+    onnx_path = folder / "onnx" / "student-bckd.onnx"
+    reader = CalibrationReader.for_model(onnx_path, folder / "data", "train", num_images=8,
+                                         format="coco")
+    card = quantize_openvino(onnx_path, folder / "nncf.xml", reader)
+    assert card["quantization"]["float_tail"]["nodes"] > 5
+    assert main(["eval", str(folder / "nncf.xml"), "--backend", "openvino", "--data",
+                 str(folder / "data")]) == 0

@@ -269,3 +269,57 @@ def test_progress_failed_step_writes_no_final_line():
         with Progress("x", 4, stream=out):
             raise RuntimeError
     assert out.getvalue() == ""
+
+
+def test_draw_detections_outlines_boxes_and_fills_masks_in_class_colours():
+    from runtime.report_html import draw_detections
+
+    img = np.zeros((10, 12, 3), np.uint8)
+    mask = np.zeros((1, 10, 12), np.uint8)
+    mask[0, 6:9, 1:4] = 1
+    dets = {"boxes": np.array([[2.0, 1.0, 6.0, 4.0]]), "labels": np.array([1]), "masks": None}
+    pic = draw_detections(img, dets, PALETTE, scale=2)
+    assert pic.shape == (20, 24, 3)
+    assert tuple(pic[2, 4]) == tuple(PALETTE[1]) and tuple(pic[7, 11]) == tuple(PALETTE[1])
+    assert tuple(pic[4, 6]) == (0, 0, 0)  # inside the box, not on its outline
+    filled = draw_detections(img, {"boxes": np.zeros((0, 4)), "labels": np.array([2]),
+                                   "masks": mask}, PALETTE, scale=1)
+    assert tuple(filled[7, 2]) == tuple(round(0.45 * c) for c in PALETTE[2])
+    assert tuple(filled[0, 0]) == (0, 0, 0)
+
+
+def test_detection_examples_page_draws_each_row_and_ground_truth():
+    from runtime.report_html import DetectionExamples
+
+    class Coco:
+        ids = ["a", "b"]
+        palette = PALETTE
+        classes = ["background", "disc", "box"]
+
+        def __len__(self):
+            return 2
+
+        def load(self, i):
+            t = {"boxes": np.array([[1, 1, 8, 8], [0, 0, 16, 16]], np.float32),
+                 "labels": np.array([1, 2]), "masks": None,
+                 "iscrowd": np.array([False, True])}
+            return np.full((16, 16, 3), 90, np.uint8), t
+
+    ex = DetectionExamples(2)
+    rows = ROWS[:2]
+    for j, row in enumerate(rows):
+        keep = ex.writer()
+        ex.load(Coco(), None)
+        for i in range(2):
+            keep.write(str(i), {"boxes": np.array([[1, 1, 8, 8], [2, 2, 4, 4]], np.float32),
+                                "scores": np.array([0.9, 0.1]), "labels": np.array([1, 2]),
+                                "masks": None, "image_id": i})
+        ex.add(row, keep)
+    assert [len(d["boxes"]) for d in ex.entries[0][1]] == [1, 1]  # below DRAW_SCORE dropped
+    report = new_report({}, {"name": "x", "val_split": "val", "val_images": 2})
+    report["task"] = "detect"
+    report["results"] = [dict(r, task="detect", box_ap=10.0, box_ap50=20.0) for r in rows]
+    page = render_html(report, ex)
+    imgs = [a for t, a in parse(page).tags if t == "img"]
+    assert len(imgs) == 2 * (2 + len(ex.columns()))
+    assert "1 objects" in page and "1 detections" in page and "COCO AP" in page

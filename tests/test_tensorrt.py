@@ -677,6 +677,24 @@ def test_runner_uses_the_binding_api_before_8_5(engine: Path, trt_env: TrtEnv) -
     assert y.shape == (1, 2, *SIZE) and float(y.max()) == 2.0
 
 
+@pytest.mark.parametrize("version", ["10.3.0", "8.4.1"])
+def test_runner_returns_every_output_by_name(tmp_path: Path, trt_env: TrtEnv, version: str) -> None:
+    trt_env(version)
+    io = {"inputs": [["input", [-1, 3, -1, -1], 0]],
+          "outputs": [["boxes", [-1, 2, -1, -1], 0], ["scores", [-1, 2, -1, -1], 0]],
+          "profile": [{"input": [[1, 3, *SIZE], [1, 3, *SIZE], [4, 3, *SIZE]]}]}
+    path = tmp_path / "det.engine"
+    path.write_bytes(b"fake-engine" + json.dumps(io).encode())
+    x = np.random.default_rng(1).standard_normal((2, 3, *SIZE), dtype=np.float32)
+    with open_runner("tensorrt", path, card={}) as runner:
+        out = runner.run(x)
+        assert runner.output_names == ["boxes", "scores"]
+        np.testing.assert_allclose(runner.infer(x), out["boxes"])
+    assert list(out) == ["boxes", "scores"]
+    np.testing.assert_allclose(out["boxes"], np.concatenate([2 * x[:, :1]] * 2, axis=1))
+    np.testing.assert_allclose(out["scores"], np.concatenate([3 * x[:, :1]] * 2, axis=1))
+
+
 def test_runner_on_a_foreign_engine_file(engine: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     engine.write_bytes(b"plan from another TensorRT")
     with pytest.raises(BckdError, match=r"could not load engine .*magicTagRead.*rebuild it here"):

@@ -352,7 +352,8 @@ class FakeEngine:
 
 
 class FakeContext:
-    """Output = 2 * input, computed in the fake device memory."""
+    """Output k = (2 + k) * the input's first channel, twice, computed in the fake device
+    memory (a one-output engine: 2 * input)."""
 
     def __init__(self, engine: FakeEngine) -> None:
         self.engine, self.shapes, self.addresses, self.calls = engine, {}, {}, []
@@ -371,8 +372,9 @@ class FakeContext:
 
     def execute_async_v3(self, stream: int) -> bool:
         self.calls.append(("execute_async_v3", stream))
-        inp, out = (t[0] for t in self.engine.io)
-        return self._compute(self.addresses[inp], self.addresses[out], self.shapes[inp])
+        inp, *outs = (t[0] for t in self.engine.io)
+        return all(self._compute(self.addresses[inp], self.addresses[o], self.shapes[inp], 2 + k)
+                   for k, o in enumerate(outs))
 
     def set_binding_shape(self, index: int, shape: tuple) -> bool:
         self.shapes[index] = tuple(shape)
@@ -383,13 +385,14 @@ class FakeContext:
 
     def execute_async_v2(self, bindings: list[int], stream: int) -> bool:
         self.calls.append(("execute_async_v2", stream))
-        return self._compute(bindings[0], bindings[1], self.shapes[0])
+        return all(self._compute(bindings[0], b, self.shapes[0], 2 + k)
+                   for k, b in enumerate(bindings[1:]))
 
-    def _compute(self, src: int, dst: int, shape: tuple) -> bool:
+    def _compute(self, src: int, dst: int, shape: tuple, factor: float = 2) -> bool:
         mem = self.engine.trt.cuda.mem
         n = int(np.prod(shape))
         x = mem[src][: n * 4].view(np.float32).reshape(shape)
-        y = np.concatenate([2 * x[:, :1], 2 * x[:, :1]], axis=1).astype(np.float32)
+        y = np.concatenate([factor * x[:, :1]] * 2, axis=1).astype(np.float32)
         mem[dst][: y.nbytes] = np.frombuffer(y.tobytes(), np.uint8)
         return True
 

@@ -133,6 +133,11 @@ class Detector(nn.Module):
         taps = self.forward_taps(x)
         return tuple(taps[name] for name in self.output_names)
 
+    def forward_with_features(self, x: Tensor) -> tuple[tuple[Tensor, ...], list[Tensor]]:
+        """The outputs and the backbone stages C2..C5 (what MFS and BCKD read)."""
+        taps = self.forward_taps(x)
+        return tuple(taps[name] for name in self.output_names), list(taps["stages"])
+
     def loss(self, taps: Mapping[str, Any], targets: Sequence[Mapping[str, Any]]
              ) -> dict[str, Tensor]:
         """Named task-loss terms (weights applied; the trainer sums them).

@@ -138,12 +138,12 @@ class NamedIo:
     def profile(self, t: TensorInfo) -> Any:
         return self.engine.get_tensor_profile_shape(t.name, 0) if -1 in t.shape else None
 
-    def prepare(self, context: Any, inp: TensorInfo, out: TensorInfo,
-                shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Set the input shape; return the output shape it implies."""
+    def prepare(self, context: Any, inp: TensorInfo, outs: Sequence[TensorInfo],
+                shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Set the input shape; return the output shapes it implies."""
         if not context.set_input_shape(inp.name, shape):
             raise BckdError(f"TensorRT rejected input shape {shape} for '{inp.name}'")
-        return tuple(int(d) for d in context.get_tensor_shape(out.name))
+        return [tuple(int(d) for d in context.get_tensor_shape(o.name)) for o in outs]
 
     def execute(self, context: Any, addresses: dict[str, int], stream: int) -> bool:
         for name, ptr in addresses.items():
@@ -173,11 +173,11 @@ class BindingIo:
     def profile(self, t: TensorInfo) -> Any:
         return self.engine.get_profile_shape(0, t.index) if -1 in t.shape else None
 
-    def prepare(self, context: Any, inp: TensorInfo, out: TensorInfo,
-                shape: tuple[int, ...]) -> tuple[int, ...]:
+    def prepare(self, context: Any, inp: TensorInfo, outs: Sequence[TensorInfo],
+                shape: tuple[int, ...]) -> list[tuple[int, ...]]:
         if not context.set_binding_shape(inp.index, shape):
             raise BckdError(f"TensorRT rejected input shape {shape} for '{inp.name}'")
-        return tuple(int(d) for d in context.get_binding_shape(out.index))
+        return [tuple(int(d) for d in context.get_binding_shape(o.index)) for o in outs]
 
     def execute(self, context: Any, addresses: dict[str, int], stream: int) -> bool:
         tensors = self.tensors()
@@ -225,7 +225,8 @@ class _Slot:
 # -- runner ----------------------------------------------------------------------------------------
 @BACKENDS.register("tensorrt")
 class TensorRTRunner(Runner):
-    """Runs a single-input, single-output TensorRT engine on CUDA device 0 (or its DLA core).
+    """Runs a single-input TensorRT engine on CUDA device 0 (or its DLA core); every output is
+    returned by name (a detector's boxes, scores, ... or its NMS layout).
 
     ``cuda_events=True`` times each inference's GPU work (H2D, compute, D2H excluded) with CUDA
     events on the inference stream and keeps it in :attr:`last_gpu_ms`.
@@ -243,7 +244,7 @@ class TensorRTRunner(Runner):
         self.last_gpu_ms: float | None = None
         self._state: dict[str, Any] = {}
         self._input: TensorInfo | None = None
-        self._output: TensorInfo | None = None
+        self._outputs: list[TensorInfo] = []
 
     @property
     def input_spec(self) -> InputSpec:
@@ -261,7 +262,7 @@ class TensorRTRunner(Runner):
         api = cuda.cuda_api()
         runtime, engine = self._deserialize(trt)
         io = io_api(capabilities(version))(trt, engine)
-        self._input, self._output = _single_io(io.tensors(), self.artifact.name)
+        self._input, self._outputs = _engine_io(io.tensors(), self.artifact.name)
         context = engine.create_execution_context()
         if context is None:
             raise BckdError(f"TensorRT could not create an execution context for {self.artifact} "
@@ -269,7 +270,8 @@ class TensorRTRunner(Runner):
         self._state = {
             "trt": trt, "runtime": runtime, "engine": engine, "io": io, "context": context,
             "api": api, "stream": api.create_stream(), "profile": io.profile(self._input),
-            "slots": (_Slot(api, self._input.dtype), _Slot(api, self._output.dtype)),
+            "slots": (_Slot(api, self._input.dtype),
+                      [_Slot(api, o.dtype) for o in self._outputs]),
             "timer": cuda.EventTimer(api) if self.cuda_events else None,
         }
 
@@ -289,38 +291,48 @@ class TensorRTRunner(Runner):
     def _release(self) -> None:
         s = self._state
         if s:
-            for slot in s["slots"]:
+            for slot in (s["slots"][0], *s["slots"][1]):
                 slot.free()
             if s["timer"] is not None:
                 s["timer"].close()
             s["api"].destroy_stream(s["stream"])
         self._state = {}  # drops context, engine, runtime in that order of references
-        self._input = self._output = None
+        self._input, self._outputs = None, []
+
+    def _output_names(self) -> Sequence[str]:
+        return [o.name for o in self._outputs]
 
     def _run(self, x: np.ndarray) -> np.ndarray:
+        return self._run_named(x)[self._outputs[0].name]
+
+    def _run_named(self, x: np.ndarray) -> dict[str, np.ndarray]:
         s = self._state
-        assert self._input is not None and self._output is not None
+        assert self._input is not None and self._outputs
         x = np.ascontiguousarray(x)
         check_in_profile(x.shape, s["profile"], self.artifact.name)
-        out_shape = s["io"].prepare(s["context"], self._input, self._output, tuple(x.shape))
-        src, dst = s["slots"]
+        shapes = s["io"].prepare(s["context"], self._input, self._outputs, tuple(x.shape))
+        src, dsts = s["slots"]
         src.ensure(tuple(x.shape))
-        dst.ensure(out_shape)
+        for dst, shape in zip(dsts, shapes):
+            dst.ensure(shape)
         src.host[...] = x
-        self._enqueue(s, src, dst)
-        return dst.host.copy()  # the pinned buffer is reused by the next call
+        self._enqueue(s, src, dsts)
+        # copies: the pinned buffers are reused by the next call
+        return {o.name: dst.host.copy() for o, dst in zip(self._outputs, dsts)}
 
-    def _enqueue(self, s: dict[str, Any], src: _Slot, dst: _Slot) -> None:
+    def _enqueue(self, s: dict[str, Any], src: _Slot, dsts: Sequence[_Slot]) -> None:
         api, stream, timer = s["api"], s["stream"], s["timer"]
-        assert self._input is not None and self._output is not None
+        assert self._input is not None and self._outputs
         api.htod(src.ptr, src.host, stream)
         if timer is not None:
             timer.start(stream)
-        ok = s["io"].execute(s["context"], {self._input.name: src.ptr, self._output.name: dst.ptr},
-                             api.stream_handle(stream))
+        addresses = {self._input.name: src.ptr}
+        addresses.update((o.name, dst.ptr) for o, dst in zip(self._outputs, dsts))
+        ok = s["io"].execute(s["context"], addresses, api.stream_handle(stream))
         if timer is not None:
             timer.stop(stream)
-        api.dtoh(dst.host, dst.ptr, stream)
+        for dst in dsts:
+            api.dtoh(dst.host, dst.ptr, stream)
         api.synchronize(stream)
         if not ok:
             raise RuntimeError(f"TensorRT failed to enqueue inference for {self.artifact.name}")
@@ -328,10 +340,11 @@ class TensorRTRunner(Runner):
             self.last_gpu_ms = timer.elapsed_ms()
 
 
-def _single_io(tensors: list[TensorInfo], name: str) -> tuple[TensorInfo, TensorInfo]:
+def _engine_io(tensors: list[TensorInfo], name: str) -> tuple[TensorInfo, list[TensorInfo]]:
+    """The one input and the outputs (in engine order) of an engine."""
     inputs = [t for t in tensors if t.is_input]
     outputs = [t for t in tensors if not t.is_input]
-    if len(inputs) != 1 or len(outputs) != 1:
+    if len(inputs) != 1 or not outputs:
         raise BckdError(f"{name} has {len(inputs)} inputs and {len(outputs)} outputs; bckd runs "
-                        "single-input, single-output engines (image -> logits)")
-    return inputs[0], outputs[0]
+                        "single-input image engines with at least one output")
+    return inputs[0], outputs

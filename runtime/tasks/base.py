@@ -32,6 +32,10 @@ class Task(abc.ABC):
     metric: str = ""
     # Report columns: (row key, header, format); values are already in report units.
     columns: tuple[tuple[str, str, str], ...] = ()
+    # INT8: keep every node after the last weighted layer (postprocess in the graph) in float.
+    int8_float_tail: bool = False
+    # The summary key an accuracy budget (``bckd calib --budget``, in points) is measured on.
+    budget_metric: str = ""
 
     @abc.abstractmethod
     def postprocess(self, outputs: dict[str, np.ndarray], card: dict[str, Any] | None,

@@ -147,7 +147,9 @@ class DetectTask(Task):
     name = "detect"
     dataset_format = "coco"
     metric = "box_ap"
+    budget_metric = "box_ap"
     masks = False
+    int8_float_tail = True  # box decode, sigmoid, DFL integral, NMS (detection.md: INT8 traps)
     columns = (("box_ap", "box AP", "{:.2f}"), ("box_ap50", "AP50", "{:.2f}"))
 
     def postprocess(self, outputs: dict[str, np.ndarray], card: dict[str, Any] | None,
@@ -230,6 +232,7 @@ class DetectTask(Task):
 class InstanceTask(DetectTask):
     name = "instance"
     masks = True
+    budget_metric = "mask_ap"
     columns = DetectTask.columns + (("mask_ap", "mask AP", "{:.2f}"),
                                     ("boundary_ap", "boundary AP", "{:.2f}"))
 

@@ -72,6 +72,7 @@ class SemanticTask(Task):
     name = "semantic"
     dataset_format = "folder"
     metric = "miou"
+    budget_metric = "miou"
     columns = (("miou", "mIoU %", "{:.2f}"), ("boundary_f", "boundary F %", "{:.2f}"),
                ("lhd", "LHD px", "{:.3f}"))
 

@@ -287,6 +287,34 @@ def check_qdq_model(path: str | os.PathLike) -> None:
                         "report this with the FP32 model attached") from exc
 
 
+def check_model_file(path: str | os.PathLike) -> None:
+    """One clear line for a model file that cannot be read, before any calibration work: a
+    missing file, a corrupt or truncated ONNX, an IR without its .bin or with a truncated one."""
+    p = Path(path)
+    if not p.is_file():
+        raise BckdError(f"model file {p} not found; check the path")
+    if p.suffix.lower() == ".xml":
+        weights = p.with_suffix(".bin")
+        if not weights.is_file():
+            raise BckdError(f"{p} has no weights file {weights.name} beside it; an OpenVINO IR is "
+                            "the .xml and its .bin: copy both")
+        ov = require("openvino", "reading an OpenVINO IR")
+        try:
+            ov.Core().read_model(str(p))
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
+            lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+            why = lines[-1] if lines else type(exc).__name__  # OpenVINO puts the reason last
+            raise BckdError(f"OpenVINO cannot read {p} ({why}); the IR is truncated or corrupt: "
+                            "re-export it") from exc
+        return
+    onnx = require("onnx", "INT8 calibration")
+    try:
+        onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, or onnx's own errors
+        raise BckdError(f"{p} is not a readable ONNX model ({_first_line(exc)}); re-export it or "
+                        "check that the file was copied whole") from exc
+
+
 def source_card(onnx_path: str | os.PathLike, reader: CalibrationReader) -> dict[str, Any]:
     """The FP32 model's card, checked against the reader's preprocessing (one path, rule 2)."""
     card = read_card(onnx_path)

@@ -163,6 +163,22 @@ def _task_of(model: str) -> Any:
     return get_task(read_card(model) if card_path(model).is_file() else None)
 
 
+DEFAULT_CALIB_IMAGES = 300
+
+
+def _calib_images(args: argparse.Namespace, fmt: str) -> int:
+    """--images, or the default capped to the split's size (with a note saying so)."""
+    if args.images is not None:
+        return args.images
+    from runtime.data import open_dataset
+
+    available = len(open_dataset(args.data, args.split, format=fmt))
+    if available < DEFAULT_CALIB_IMAGES:
+        print(f"bckd: note: split '{args.split}' holds {available} images, fewer than the default "
+              f"{DEFAULT_CALIB_IMAGES}; calibrating on all of them", file=sys.stderr)
+    return min(DEFAULT_CALIB_IMAGES, available)
+
+
 def cmd_calib(args: argparse.Namespace) -> None:
     from calib.reader import CalibrationReader
 
@@ -172,9 +188,16 @@ def cmd_calib(args: argparse.Namespace) -> None:
     if args.activations != "int8" and (args.budget is not None or args.backend != "onnxruntime"):
         raise BckdError("--activations uint8 applies to a plain Q/DQ ONNX only (no --budget, "
                         "no --backend nncf); drop one of them")
+    from calib.quantize import check_model_file
+    from runtime.files import refuse_existing
+
+    refuse_existing(args.out, "INT8 output", args.force)
+    if str(args.out).endswith(".xml"):
+        refuse_existing(os.path.splitext(args.out)[0] + ".bin", "INT8 IR weights", args.force)
+    check_model_file(args.model)
     fmt = args.format or _task_of(args.model).dataset_format
     reader = CalibrationReader.for_model(args.model, args.data, args.split, format=fmt,
-                                         num_images=args.images, seed=args.seed)
+                                         num_images=_calib_images(args, fmt), seed=args.seed)
     if args.budget is not None:
         from calib.sensitivity import accuracy_aware_quantize
         from runtime.data import open_dataset
@@ -236,6 +259,38 @@ ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                  "coreml": "CoreMLExecutionProvider"}
 
 
+def _refuse_out(args: argparse.Namespace) -> None:
+    """An existing --out is refused before any work, not after it (unless --force)."""
+    from runtime.files import refuse_existing
+
+    if getattr(args, "out", None):
+        refuse_existing(args.out, "output", getattr(args, "force", False))
+
+
+def _random_input(shape: tuple[int, ...]) -> Any:
+    """A seeded float32 input of ``shape``; one that cannot be allocated is a user error."""
+    import numpy as np
+
+    nbytes = 4 * int(np.prod(shape, dtype=np.float64))
+    total = _physical_memory()
+    if total and nbytes > total // 2:
+        raise BckdError(f"an input of {'x'.join(map(str, shape))} float32 needs "
+                        f"{nbytes / 2**30:.1f} GiB, over half of this machine's "
+                        f"{total / 2**30:.1f} GiB; choose a smaller --size or --batch")
+    try:
+        return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    except MemoryError as exc:
+        raise BckdError(f"cannot allocate an input of {'x'.join(map(str, shape))} float32 "
+                        f"({nbytes / 2**30:.1f} GiB); choose a smaller --size or --batch") from exc
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def _write_json(path: str | None, obj: dict, force: bool) -> None:
     from runtime.files import atomic_write_json, refuse_existing
 
@@ -254,6 +309,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from runtime.tasks import get_task
 
+    _refuse_out(args)
     card = read_card(args.model)
     task = get_task(card)
     pre = Preprocess.from_dict(card["preprocess"])
@@ -278,6 +334,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
+    _refuse_out(args)
     from runtime.data import open_dataset
     from runtime.predictions import read_manifest, score_predictions
     from runtime.progress import Progress
@@ -324,6 +381,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
     from runtime.card import read_card
 
+    _refuse_out(args)
     if args.backend == "trtexec":
         return _profile_trtexec(args)
     card = read_card(args.model)
@@ -335,7 +393,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     if args.mode == "pipeline":
         return _profile_pipeline(args, card, protocol)
     h, w = args.size or tuple(card["preprocess"]["size"])
-    x = np.random.default_rng(0).standard_normal((args.batch, 3, h, w), dtype=np.float32)
+    x = _random_input((args.batch, 3, h, w))
     with _open(args) as runner:
         if args.mode == "throughput":
             from runtime.profile import profile_throughput
@@ -556,7 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "asymmetric, ONNX Runtime's faster x86 CPU kernels only")
     p.add_argument("--preset", default="performance", choices=["performance", "mixed"],
                    help="NNCF preset")
-    p.add_argument("--images", type=int, default=300, help="calibration images (default 300)")
+    p.add_argument("--images", type=positive_int, help=f"calibration images (default "
+                   f"{DEFAULT_CALIB_IMAGES}, or the whole split when it holds fewer)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image draw")
     p.add_argument("--budget", type=float, help="max drop in points of the task's metric "
                    "(mIoU; box AP for detect, mask AP for instance): keep the most sensitive "
@@ -576,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--format", help="dataset format (default: folder for segmentation, coco "
                    "for detection and instance models)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
     p.add_argument("--save-predictions", metavar="DIR",
                    help="also save each predicted label map (PNG) for 'bckd score' on a host")
     p.set_defaults(func=cmd_eval)
@@ -594,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="latency of an artifact on this machine")
     _add_backend_args(p)
     p.add_argument("--size", type=_size, help="input size (default: the card's)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
     p.add_argument("--mode", default="latency", choices=["latency", "throughput", "pipeline"],
                    help="single-stream latency of the network (default), throughput with "
                    "several requests, or pipeline: decoded --data images through preprocess, "
@@ -602,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset root whose images --mode pipeline times")
     p.add_argument("--split", default="val", help="split of --data (default val)")
     p.add_argument("--format", default="folder", help="format of --data (default folder)")
-    p.add_argument("--images", type=int, default=8,
+    p.add_argument("--images", type=positive_int, default=8,
                    help="images --mode pipeline cycles through (default 8)")
     p.add_argument("--requests", type=int, default=0,
                    help="requests in flight in throughput mode (default: the backend's choice)")
@@ -622,6 +681,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into one usage line)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _launched_rank() -> int:
     """This process's rank under torchrun (0 when not launched by it); torch-free."""
     return int(os.environ.get("RANK", "0") or 0)
@@ -636,10 +703,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _launched_rank() == 0:  # under torchrun every rank fails alike: say it once
             print(f"bckd: error: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in HOST_MODULES:
+            raise
+        from runtime.lazy import install_hint
+
+        if _launched_rank() == 0:
+            print(f"bckd: error: bckd {args.command} needs {top}, which is not installed: "
+                  f"{install_hint(top)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("bckd: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+# Packages of the host side (training, export from a checkpoint): their absence on a device is a
+# user situation (one line), not a bug.
+HOST_MODULES = ("torch", "onnxsim", "onnxslim", "tensorboard")
 
 
 if __name__ == "__main__":

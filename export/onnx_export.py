@@ -30,7 +30,7 @@ import numpy as np
 from export.parity import (DEFAULT_TOL, MIN_ARGMAX_AGREEMENT, ModelFn, check_parity, combine_parity,
                            describe_failure, skipped_parity)
 from runtime.backends import BACKENDS, open_runner
-from runtime.card import new_card, tool_versions, write_card
+from runtime.card import EMBEDDED_CARD_KEY, embedded_card, new_card, tool_versions, write_card
 from runtime.errors import BckdError
 from runtime.files import atomic_path, refuse_existing, sha256_file
 from runtime.lazy import require
@@ -45,7 +45,7 @@ PARITY_BACKENDS = ("onnxruntime", "openvino")
 _PARITY_OPTIONS: dict[str, dict[str, Any]] = {"openvino": {"device": "CPU", "precision": "f32"}}
 _BACKEND_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
 # ONNX metadata_props: the whole card (minus its sha256) and flat copies of the fields tools show.
-METADATA_CARD_KEY = "bckd.card"
+METADATA_CARD_KEY = EMBEDDED_CARD_KEY
 METADATA_PREFIX = "bckd."
 METADATA_FLAT_FIELDS = ("kind", "arch", "task", "classes", "input_size", "preprocess", "precision")
 METADATA_EXCLUDED = ("sha256",)  # the file's own hash: unknown until the file is written
@@ -162,18 +162,7 @@ def read_onnx_card(source: str | os.PathLike | Any) -> dict | None:
 
     It lacks the file's ``sha256`` (see :data:`METADATA_EXCLUDED`); the sidecar card has it.
     """
-    if isinstance(source, (str, os.PathLike)):
-        onnx = require("onnx", "reading ONNX metadata")
-        source = onnx.load(str(source), load_external_data=False)
-    props = {p.key: p.value for p in source.metadata_props}
-    if METADATA_CARD_KEY not in props:
-        return None
-    try:
-        card = json.loads(props[METADATA_CARD_KEY])
-    except json.JSONDecodeError as exc:
-        raise BckdError(f"the ONNX metadata {METADATA_CARD_KEY!r} is not valid JSON ({exc}); "
-                        "re-export the model") from exc
-    return card if isinstance(card, dict) else None
+    return embedded_card(source)
 
 
 # -- argument checks -------------------------------------------------------------------------------

@@ -44,10 +44,58 @@ def write_card(artifact: str | os.PathLike, card: dict[str, Any]) -> Path:
     return atomic_write_json(card_path(artifact), card)
 
 
+# The key under which bckd embeds an ONNX file's card in its metadata_props (export/onnx_export).
+EMBEDDED_CARD_KEY = "bckd.card"
+
+
+def embedded_card(source: Any) -> dict[str, Any] | None:
+    """The card embedded in an ONNX file (path) or ModelProto, or None if it has none.
+
+    The embedded card lacks the file's own ``sha256`` (unknown while the file is written).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        from runtime.lazy import require
+
+        onnx = require("onnx", "reading ONNX metadata")
+        try:
+            source = onnx.load(str(source), load_external_data=False)
+        except Exception as exc:  # protobuf's DecodeError and onnx's own errors
+            raise BckdError(f"{source} is not a readable ONNX model ({exc}); re-export it or "
+                            "check that the file was copied whole") from exc
+    props = {p.key: p.value for p in source.metadata_props}
+    if EMBEDDED_CARD_KEY not in props:
+        return None
+    try:
+        card = json.loads(props[EMBEDDED_CARD_KEY])
+    except json.JSONDecodeError as exc:
+        raise BckdError(f"the ONNX metadata {EMBEDDED_CARD_KEY!r} is not valid JSON ({exc}); "
+                        "re-export the model") from exc
+    return card if isinstance(card, dict) else None
+
+
+def _card_from_onnx(artifact: Path) -> dict[str, Any] | None:
+    """The embedded card of an ONNX file whose sidecar is missing, with its sha256 filled in."""
+    if artifact.suffix.lower() != ".onnx" or not artifact.is_file():
+        return None
+    try:
+        card = embedded_card(artifact)
+    except BckdError:
+        return None  # not readable as ONNX: the missing-card error says more
+    if card is None or "kind" not in card:
+        return None
+    from runtime.files import sha256_file
+
+    return dict(card, sha256=sha256_file(artifact), card_source="embedded in the ONNX metadata")
+
+
 def read_card(artifact: str | os.PathLike) -> dict[str, Any]:
-    """Read the sidecar of ``artifact``; a missing or corrupt card is a user error."""
+    """Read the sidecar of ``artifact`` (for an ONNX file without one: the card bckd embedded in
+    its metadata); a missing or corrupt card is a user error."""
     path = card_path(artifact)
     if not path.is_file():
+        card = _card_from_onnx(Path(artifact))
+        if card is not None:
+            return card
         raise BckdError(
             f"model card {path} not found next to {artifact}; artifacts must be made by bckd "
             "(or given a card) so later stages know their input size, classes and normalisation"

@@ -128,3 +128,28 @@ def test_host_commands_without_torch_say_so(tmp_path: Path, argv) -> None:
     err = proc.stderr.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert f"bckd {argv[0]} needs torch" in err and "pip install" in err
+
+
+def test_an_onnx_whose_sidecar_was_lost_reads_its_embedded_card(work, tmp_path, capsys) -> None:
+    import onnx
+
+    from export.onnx_export import embed_card
+    from runtime.card import read_card
+    from runtime.files import sha256_file
+
+    card = read_card(work / "fp32.onnx")
+    proto = onnx.load(str(work / "fp32.onnx"))
+    embed_card(proto, card)
+    lone = tmp_path / "lone.onnx"
+    onnx.save_model(proto, str(lone))
+    got = read_card(lone)
+    assert got["classes"] == card["classes"] and got["preprocess"] == card["preprocess"]
+    assert got["sha256"] == sha256_file(lone) and "embedded" in got["card_source"]
+    assert main(["eval", str(lone), "--data", str(work / "data")]) == 0
+    assert main(["calib", str(lone), "--data", str(work / "data"), "--images", "4",
+                 "--out", str(tmp_path / "lone.int8.onnx")]) == 0
+    capsys.readouterr()
+    bare = tmp_path / "bare.onnx"  # no sidecar and nothing embedded: the one-line error stays
+    shutil.copy(work / "fp32.onnx", bare)
+    assert main(["eval", str(bare), "--data", str(work / "data")]) == 1
+    one_line_error(capsys, "model card", "not found")

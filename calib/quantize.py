@@ -128,7 +128,7 @@ class Calibration:
         options = dict(QDQ_OPTIONS, ActivationSymmetric=symmetric)
         if self.tail:  # a weighted layer's output is quantized only where a quantized op reads it
             options["OpTypesToExcludeOutputQuantization"] = list(WEIGHTED_OPS)
-        with contextlib.redirect_stdout(io.StringIO()):  # ORT prints progress to stdout
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_root_logger():
             q.quantize_static(
                 str(self.model), str(out), None, quant_format=q.QuantFormat.QDQ, per_channel=True,
                 activation_type=getattr(q.QuantType, dtype), weight_type=q.QuantType.QInt8,
@@ -159,6 +159,22 @@ def float_tail(graph: Any, weighted: Sequence[str] = WEIGHTED_OPS) -> list[str]:
                                 for out in graph.node[i].output for j in consumers.get(out, ()))
     return [n.name for n, f in zip(graph.node, feeds_weighted)
             if not f and n.op_type not in weighted]
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ORT's quantizer logs progress (stdout) and, per GroupNorm affine constant of rank 1, an
+    'Axis 1 is out-of-range' warning (it then quantizes that constant per tensor, as intended);
+    neither is for the user."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -467,8 +467,9 @@ def _profile_trtexec(args: argparse.Namespace) -> None:
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="artifact to run (ONNX file with its .card.json)")
-    p.add_argument("--backend", default="onnxruntime", help="runtime backend: onnxruntime "
-                   "(default), openvino, tensorrt; profile also takes trtexec")
+    p.add_argument("--backend", help="runtime backend: onnxruntime, openvino, tensorrt; "
+                   "profile also takes trtexec (default: from the suffix: .xml openvino, "
+                   ".engine/.plan tensorrt, else onnxruntime)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
     p.add_argument("--device", help="device of backends that have several (openvino: CPU, GPU, "
                    "NPU)")
@@ -492,9 +493,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bckd")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bckd", description="Distil, export, calibrate and "
                                      "measure dense-prediction models on edge devices.")
+    parser.add_argument("--version", action="version", version=f"bckd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
 
@@ -694,8 +705,18 @@ def _launched_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
+RUNTIME_BY_SUFFIX = {".xml": "openvino", ".engine": "tensorrt", ".plan": "tensorrt"}
+
+
+def runtime_for(artifact: str) -> str:
+    """The runtime an artifact is for, from its suffix (ONNX Runtime for anything else)."""
+    return RUNTIME_BY_SUFFIX.get(os.path.splitext(str(artifact))[1].lower(), "onnxruntime")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("eval", "profile") and not args.backend:
+        args.backend = runtime_for(args.model)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

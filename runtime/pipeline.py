@@ -188,7 +188,14 @@ def deploy_rows(onnx_path: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
                                                    num_images=cfg.deploy.calib_images)
         quantize_onnx(onnx_path, int8, reader, method=cfg.deploy.calib_method)
         rows.append(measure(int8, data_root, run_dir, cfg, examples=examples))
-        if cfg.deploy.openvino and has_openvino:
+        if cfg.deploy.openvino and has_openvino and cfg.deploy.openvino_int8 == "nncf":
+            from calib.nncf_ptq import quantize_openvino
+
+            ir8 = run_dir / "int8" / (onnx_path.stem + ".int8.xml")
+            log(f"[calib] {xml.name}: INT8 with NNCF on the same images")
+            quantize_openvino(xml, ir8, reader)
+            rows.append(measure(ir8, data_root, run_dir, cfg, "openvino", examples))
+        elif cfg.deploy.openvino and has_openvino:
             rows.append(measure(int8, data_root, run_dir, cfg, "openvino", examples))
     return rows
 

@@ -541,7 +541,7 @@ def draw_detections(image: np.ndarray, dets: dict[str, Any],
     for box, c in zip(np.asarray(dets.get("boxes", np.zeros((0, 4))), float), labels):
         x1, y1, x2, y2 = (box * scale).tolist()
         draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)],
-                       outline=tuple(int(v) for v in colours[c % len(colours)]), width=1)
+                       outline=tuple(int(v) for v in colours[c % len(colours)]), width=scale)
     return np.asarray(pic)
 
 

@@ -153,3 +153,18 @@ def test_an_onnx_whose_sidecar_was_lost_reads_its_embedded_card(work, tmp_path, 
     shutil.copy(work / "fp32.onnx", bare)
     assert main(["eval", str(bare), "--data", str(work / "data")]) == 1
     one_line_error(capsys, "model card", "not found")
+
+
+def test_the_runtime_follows_the_suffix_unless_named() -> None:
+    from runtime.cli import build_parser, runtime_for
+
+    assert [runtime_for(p) for p in ("m.onnx", "m.xml", "M.ENGINE", "m.plan", "m")] == [
+        "onnxruntime", "openvino", "tensorrt", "tensorrt", "onnxruntime"]
+    args = build_parser().parse_args(["profile", "m.xml", "--backend", "onnxruntime"])
+    assert args.backend == "onnxruntime"
+
+
+def test_version_flag(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("bckd ")

@@ -2,6 +2,7 @@
 
 Parts (any combination; each writes ``<out>/<part>.json`` and prints a table):
 
+* ``--quick``: ``bckd run --task T --quick`` cold, timed from the outside.
 * ``--run``: ``bckd run --task T`` cold (its own teacher cache under ``--out``), timed from the
   outside; the report rows (teacher, students none / kd / bckd, OpenVINO f32, INT8) are copied.
 * ``--parity``: the run's BCKD student exported with host NMS and with NMS in the graph, run by
@@ -36,26 +37,29 @@ METHODS = ("none", "kd", "bckd")
 PARITY_SIZE = (160, 224)  # the default run traces at 128x128
 
 
-def run_default(out: Path, task: str) -> dict:
-    run = out / f"run-{task}"
+def run_default(out: Path, task: str, quick: bool = False) -> dict:
+    name = f"run-{task}" + ("-quick" if quick else "")
+    run = out / name
     if (run / "report.json").is_file():
-        return json.loads((out / f"run-{task}.json").read_text())
-    env = dict(os.environ, BCKD_CACHE=str(out / f"cache-{task}"))
+        return json.loads((out / f"{name}.json").read_text())
+    cache = out / (f"cache-{task}" + ("-quick" if quick else ""))  # cold: a teacher cache of its own
+    env = dict(os.environ, BCKD_CACHE=str(cache))
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "runtime.cli", "run", "--task", task, "--out", str(run)],
-                   check=True, env=env, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "runtime.cli", "run", "--task", task, "--out", str(run)]
+                   + (["--quick"] if quick else []), check=True, env=env, cwd=ROOT)
     seconds = time.perf_counter() - start
     report = json.loads((run / "report.json").read_text())
     rows = [{k: r.get(k) for k in ("model", "method", "backend", "precision", "box_ap",
                                    "box_ap50", "mask_ap", "boundary_ap")}
             | {"p50_ms": r["latency_ms"]["p50"]} for r in report["results"]]
-    result = {"task": task, "seconds": round(seconds, 1), "rows": rows}
-    (out / f"run-{task}.json").write_text(json.dumps(result, indent=1))
+    result = {"task": task, "quick": quick, "seconds": round(seconds, 1), "rows": rows}
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     return result
 
 
 def print_run(result: dict) -> None:
-    print(f"\nbckd run --task {result['task']}: {result['seconds']:.0f} s")
+    quick = " --quick" if result.get("quick") else ""
+    print(f"\nbckd run --task {result['task']}{quick}: {result['seconds']:.0f} s")
     print("| model | method | backend | precision | box AP | AP50 | mask AP | boundary AP | "
           "p50 ms |\n|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
@@ -140,7 +144,8 @@ def print_parity(result: dict) -> None:
               f"{100 * c['reverse']:.3f} % |")
 
 
-def seeds(out: Path, task: str, seed_list: list[int]) -> dict:
+def seeds(out: Path, task: str, seed_list: list[int], methods: tuple[str, ...] = METHODS,
+          options: dict | None = None, tag: str = "") -> dict:
     import torch
 
     from distill.analysis import manifold_stability
@@ -165,29 +170,32 @@ def seeds(out: Path, task: str, seed_list: list[int]) -> dict:
                   for lo in range(0, 32, 8)]
     results: dict[str, list[dict]] = {"teacher": [score(teacher_model, val, pre, card)]}
     for seed in seed_list:
-        for method in METHODS:
-            record = records / f"{method}-s{seed}.json"
+        for method in methods:
+            name = method + (f"[{tag}]" if tag else "")
+            record = records / f"{name}-s{seed}.json"
             if not record.is_file():
                 cfg.student_train.seed = seed
                 start = time.perf_counter()
                 res = distill_stage(data=cfg.data, data_root=data, model=cfg.student,
                                     train_cfg=cfg.student_train, out=records / f"{method}-s{seed}.pt",
-                                    method=method, kd=KDConfig(method=method),
+                                    method=method,
+                                    kd=KDConfig(method=method, options=dict(options or {})),
                                     teacher=teacher if method != "none" else None, force=True,
                                     log=lambda _: None)
                 model, _ = load_student(res.checkpoint)
                 row = score(model, val, pre, card)
                 row["mfs"] = manifold_stability(model, teacher_model, mfs_images)["mfs"]
-                row.update(seed=seed, method=method, seconds=round(time.perf_counter() - start, 1))
+                row.update(seed=seed, method=method, options=dict(options or {}),
+                           seconds=round(time.perf_counter() - start, 1))
                 record.write_text(json.dumps(row, indent=1))
-                print(f"{method} seed {seed}: box AP {row['box_ap']:.2f}  MFS {row['mfs']:.3f}  "
+                print(f"{name} seed {seed}: box AP {row['box_ap']:.2f}  MFS {row['mfs']:.3f}  "
                       f"({row['seconds']:.0f} s)", flush=True)
-            results.setdefault(method, []).append(json.loads(record.read_text()))
+            results.setdefault(name, []).append(json.loads(record.read_text()))
     summary = {}
     for name, rows in results.items():
         summary[name] = {"seeds": len(rows)}
         for key in rows[0]:
-            if key in ("seed", "method", "seconds") or rows[0][key] is None:
+            if key in ("seed", "method", "seconds", "options") or rows[0][key] is None:
                 continue
             values = [r[key] for r in rows]
             summary[name][key] = {"mean": statistics.fmean(values),
@@ -213,7 +221,7 @@ def score(model, val, pre, card) -> dict:
 
 def print_seeds(result: dict) -> None:
     keys = [k for k in ("box_ap", "box_ap50", "mask_ap", "boundary_ap", "mfs")
-            if k in result["summary"].get("none", result["summary"]["teacher"])]
+            if any(k in s for s in result["summary"].values())]
     print(f"\n{result['task']}: students over seeds {result['seeds']} "
           f"({result['epochs']} epochs), mean ± std")
     print("| model | seeds | " + " | ".join(keys) + " |\n|---|---|" + "---|" * len(keys))
@@ -227,17 +235,26 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--task", default="detect", choices=["detect", "instance"])
     ap.add_argument("--run", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="time bckd run --quick (cold)")
     ap.add_argument("--parity", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="*", default=[])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    help="student methods of --seeds (default none kd bckd)")
+    ap.add_argument("--options", default="{}",
+                    help='JSON kd options for --seeds, e.g. \'{"bckd": {"context_weight": 50}}\'')
+    ap.add_argument("--tag", default="", help="name of this options variant in the records")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        print_run(run_default(out, args.task, quick=True))
     if args.run:
         print_run(run_default(out, args.task))
     if args.parity:
         print_parity(parity(out, args.task))
     if args.seeds:
-        print_seeds(seeds(out, args.task, args.seeds))
+        print_seeds(seeds(out, args.task, args.seeds, tuple(args.methods),
+                          json.loads(args.options), args.tag))
 
 
 if __name__ == "__main__":

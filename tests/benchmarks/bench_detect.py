@@ -203,7 +203,8 @@ def seeds(out: Path, task: str, seed_list: list[int], methods: tuple[str, ...] =
                                   "values": values}
     result = {"task": task, "seeds": seed_list, "epochs": cfg.student_train.epochs,
               "summary": summary}
-    (out / f"seeds-{task}.json").write_text(json.dumps(result, indent=1))
+    suffix = f"-{tag.replace('/', '_')}" if tag else ""
+    (out / f"seeds-{task}{suffix}.json").write_text(json.dumps(result, indent=1))
     return result
 
 

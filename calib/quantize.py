@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from calib.reader import CalibrationReader
-from runtime.card import new_card, read_card, tool_versions, write_card
+from runtime.card import load_onnx_graph, new_card, read_card, tool_versions, write_card
 from runtime.data.preprocess import Preprocess
 from runtime.errors import BckdError
 from runtime.files import atomic_path, refuse_existing, sha256_file
@@ -323,12 +323,7 @@ def check_model_file(path: str | os.PathLike) -> None:
             raise BckdError(f"OpenVINO cannot read {p} ({why}); the IR is truncated or corrupt: "
                             "re-export it") from exc
         return
-    onnx = require("onnx", "INT8 calibration")
-    try:
-        onnx.load(str(p), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError, or onnx's own errors
-        raise BckdError(f"{p} is not a readable ONNX model ({_first_line(exc)}); re-export it or "
-                        "check that the file was copied whole") from exc
+    load_onnx_graph(p)
 
 
 def source_card(onnx_path: str | os.PathLike, reader: CalibrationReader) -> dict[str, Any]:

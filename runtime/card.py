@@ -48,20 +48,27 @@ def write_card(artifact: str | os.PathLike, card: dict[str, Any]) -> Path:
 EMBEDDED_CARD_KEY = "bckd.card"
 
 
+def load_onnx_graph(path: str | os.PathLike) -> Any:
+    """The ModelProto of ``path`` without external data; an unreadable file is a user error."""
+    from runtime.lazy import require
+
+    onnx = require("onnx", "reading ONNX files")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and onnx's own errors
+        text = str(exc).strip()
+        why = text.splitlines()[0] if text else type(exc).__name__
+        raise BckdError(f"{path} is not a readable ONNX model ({why}); re-export it or check "
+                        "that the file was copied whole") from exc
+
+
 def embedded_card(source: Any) -> dict[str, Any] | None:
     """The card embedded in an ONNX file (path) or ModelProto, or None if it has none.
 
     The embedded card lacks the file's own ``sha256`` (unknown while the file is written).
     """
     if isinstance(source, (str, os.PathLike)):
-        from runtime.lazy import require
-
-        onnx = require("onnx", "reading ONNX metadata")
-        try:
-            source = onnx.load(str(source), load_external_data=False)
-        except Exception as exc:  # protobuf's DecodeError and onnx's own errors
-            raise BckdError(f"{source} is not a readable ONNX model ({exc}); re-export it or "
-                            "check that the file was copied whole") from exc
+        source = load_onnx_graph(source)
     props = {p.key: p.value for p in source.metadata_props}
     if EMBEDDED_CARD_KEY not in props:
         return None

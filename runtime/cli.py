@@ -157,10 +157,13 @@ EXPORTERS = {"onnx": _export_onnx, "openvino": _export_openvino, "tensorrt": _ex
 
 def _task_of(model: str) -> Any:
     """The task of a model file's card (semantic for a file without one)."""
-    from runtime.card import card_path, read_card
+    from runtime.card import read_card
     from runtime.tasks import get_task
 
-    return get_task(read_card(model) if card_path(model).is_file() else None)
+    try:
+        return get_task(read_card(model))
+    except BckdError:  # no card: the calibration reader says so in its own words
+        return get_task(None)
 
 
 DEFAULT_CALIB_IMAGES = 300

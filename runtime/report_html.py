@@ -361,11 +361,18 @@ class MaskExamples:
         seen: dict[tuple[str, str, str], tuple[str, list[np.ndarray]]] = {}
         for row, maps in self.entries:
             key = (row["model"], row["method"], row["precision"])
-            fits = len(maps) == len(self.targets) and all(
-                m.shape == t.shape for m, t in zip(maps, self.targets))
-            if key not in seen and fits:
+            if key not in seen and self._fits(maps):
                 seen[key] = (short_label(row), maps)
         return list(seen.values())
+
+    def _fits(self, maps: list[Any]) -> bool:
+        """A row's predictions cover every example image (label maps at the targets' size)."""
+        return len(maps) == len(self.targets) and all(
+            m.shape == t.shape for m, t in zip(maps, self.targets))
+
+    def html(self) -> str:
+        """The #masks figure of these examples."""
+        return masks_html(self)
 
 
 def colourize(labels: np.ndarray, palette: Sequence[Sequence[int]],
@@ -483,13 +490,8 @@ class DetectionExamples(MaskExamples):
     def writer(self) -> FirstDetections:  # type: ignore[override]
         return FirstDetections(self.k)
 
-    def columns(self) -> list[tuple[str, list[Any]]]:
-        seen: dict[tuple[str, str, str], tuple[str, list[Any]]] = {}
-        for row, dets in self.entries:
-            key = (row["model"], row["method"], row["precision"])
-            if key not in seen and len(dets) == len(self.images):
-                seen[key] = (short_label(row), dets)
-        return list(seen.values())
+    def _fits(self, dets: list[Any]) -> bool:
+        return len(dets) == len(self.images)
 
     def html(self) -> str:
         if not self.images:
@@ -638,5 +640,5 @@ def render_html(report: dict[str, Any], examples: MaskExamples | None = None) ->
         '<p class="note">Red dashed staircase: the Pareto front (no other row is both faster and '
         "at least as accurate); squares are reduced precision.</p>",
         "<h2>Example predictions</h2>",
-        examples.html() if isinstance(examples, DetectionExamples) else masks_html(examples),
+        masks_html(None) if examples is None else examples.html(),
         "</body></html>", ""])

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from calib.reader import CalibrationReader
-from runtime.card import load_onnx_graph, new_card, read_card, tool_versions, write_card
+from runtime.card import (load_onnx_graph, new_card, read_card_or_none, tool_versions,
+                          write_card)
 from runtime.data.preprocess import Preprocess
 from runtime.errors import BckdError
 from runtime.files import atomic_path, refuse_existing, sha256_file
@@ -328,9 +329,13 @@ def check_model_file(path: str | os.PathLike) -> None:
 
 def source_card(onnx_path: str | os.PathLike, reader: CalibrationReader) -> dict[str, Any]:
     """The FP32 model's card, checked against the reader's preprocessing (one path, rule 2)."""
-    card = read_card(onnx_path)
-    if "preprocess" not in card:
-        raise BckdError(f"the card of {onnx_path} has no 'preprocess' section; re-export it with bckd")
+    from runtime.bare import bare_card, graph_io, is_bare
+
+    card = read_card_or_none(onnx_path)
+    if is_bare(card):  # a model bckd did not make: its I/O and the preprocessing calibrated with
+        made = bare_card(onnx_path, *graph_io(onnx_path), preprocess=reader.preprocess.to_dict())
+        return {**(card or {}), **{k: v for k, v in made.items() if k not in (card or {})},
+                "preprocess": made["preprocess"], "input_size": made["input_size"]}
     expected = Preprocess.from_dict(card["preprocess"])
     if expected != reader.preprocess:
         raise BckdError(

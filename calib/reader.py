@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from runtime.card import read_card
+from runtime.card import read_card_or_none
 from runtime.data import open_dataset
 from runtime.data.preprocess import Preprocess
 from runtime.errors import BckdError
@@ -97,15 +97,26 @@ class CalibrationReader:
                    batch_size=batch_size, input_name=input_name)
 
     @classmethod
-    def for_model(cls, model: str | os.PathLike, root: str | os.PathLike, split: str,
+    def for_model(cls, model: str | os.PathLike, root: str | os.PathLike, split: str, *,
+                  preprocess: dict[str, Any] | None = None,
                   **kwargs: Any) -> CalibrationReader:
-        """:meth:`from_split` with the preprocessing and input name from ``model``'s card."""
-        card = read_card(model)
-        if "preprocess" not in card:
-            raise BckdError(f"the card of {model} has no 'preprocess' section; re-export the model "
-                            "with bckd so calibration can use its preprocessing")
-        kwargs.setdefault("input_name", card.get("onnx", {}).get("input_name", DEFAULT_INPUT_NAME))
-        return cls.from_split(root, split, Preprocess.from_dict(card["preprocess"]), **kwargs)
+        """:meth:`from_split` with the preprocessing and input name from ``model``'s card; a model
+        bckd did not make takes ``preprocess`` (a dict, see :func:`runtime.bare.preprocess_from`)
+        and its input name from the graph."""
+        from runtime.bare import graph_io, is_bare
+
+        card = read_card_or_none(model)
+        if preprocess is None:
+            if is_bare(card):
+                raise BckdError(f"{model} has no bckd card, so its preprocessing is unknown; give "
+                                "--size HxW (and --mean / --std / --layout) or --preprocess "
+                                "FILE.yaml")
+            preprocess = card["preprocess"]
+            kwargs.setdefault("input_name",
+                              card.get("onnx", {}).get("input_name", DEFAULT_INPUT_NAME))
+        else:
+            kwargs.setdefault("input_name", graph_io(model)[0][0].name)
+        return cls.from_split(root, split, Preprocess.from_dict(preprocess), **kwargs)
 
     @property
     def split(self) -> str:

@@ -88,9 +88,13 @@ def _input_card(onnx_path: Path, onnx_sha: str) -> tuple[dict, list[str]]:
         return card, [f"no sidecar card next to {onnx_path.name}; fields taken from the card "
                       "embedded in its ONNX metadata (bckd.card)"]
     note = (f"{onnx_path.name} is a bare ONNX file (no bckd card): classes, preprocessing and "
-            "input size are unknown; give it a card (bckd export) so later stages need not ask")
+            "input size are unknown; later commands take them from flags (--shape or --size, "
+            "--mean / --std or --preprocess)")
     warnings.warn(note, ExportWarning, stacklevel=3)
-    return {}, [note]
+    from runtime.bare import bare_card, graph_io
+
+    bare = bare_card(onnx_path, *graph_io(onnx_path))
+    return {k: bare[k] for k in ("bare", "inputs", "outputs")}, [note]
 
 
 def _check_card_hash(onnx_path: Path, card: dict, onnx_sha: str) -> None:

@@ -116,6 +116,17 @@ def read_card(artifact: str | os.PathLike) -> dict[str, Any]:
     return card
 
 
+def read_card_or_none(artifact: str | os.PathLike) -> dict[str, Any] | None:
+    """:func:`read_card`, or None for a model bckd did not make (no sidecar, nothing embedded);
+    a sidecar that is there but broken is still an error."""
+    try:
+        return read_card(artifact)
+    except BckdError:
+        if card_path(artifact).is_file():
+            raise
+        return None
+
+
 def tool_versions(*modules: str) -> dict[str, str]:
     """Versions of the named, already-importable modules (absent ones are skipped)."""
     import importlib

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Any, Callable, Sequence
 
 from runtime.errors import BckdError
@@ -155,18 +156,40 @@ def _export_tensorrt(args: argparse.Namespace) -> None:
 EXPORTERS = {"onnx": _export_onnx, "openvino": _export_openvino, "tensorrt": _export_tensorrt}
 
 
-def _task_of(model: str) -> Any:
-    """The task of a model file's card (semantic for a file without one)."""
-    from runtime.card import read_card
+DEFAULT_CALIB_IMAGES = 300
+
+
+def _calib_format(args: argparse.Namespace, card: dict | None) -> str:
+    """The task's dataset format; for a bare model, a plain image folder unless --data is a
+    bckd folder dataset."""
+    from runtime.bare import is_bare
     from runtime.tasks import get_task
 
-    try:
-        return get_task(read_card(model))
-    except BckdError:  # no card: the calibration reader says so in its own words
-        return get_task(None)
+    if is_bare(card):
+        return "folder" if os.path.isfile(os.path.join(args.data, "dataset.json")) else "images"
+    return get_task(card).dataset_format
 
 
-DEFAULT_CALIB_IMAGES = 300
+def _bare_preprocess(args: argparse.Namespace, card: dict | None) -> dict | None:
+    """A bare model's preprocessing from --preprocess / --mean / --std / --layout / --size (None
+    for a model whose card has its own; flags that would contradict it are refused)."""
+    from runtime.bare import graph_io, is_bare, preprocess_from
+
+    flags = [f"--{k}" for k in ("preprocess", "mean", "std", "layout", "size")
+             if getattr(args, k, None)]
+    if not is_bare(card):
+        if flags:
+            raise BckdError(f"{args.model}'s card fixes its preprocessing; drop {', '.join(flags)}")
+        return None
+    specs, _ = graph_io(args.model)
+    if len(specs) != 1:
+        raise BckdError(f"{args.model} has {len(specs)} inputs; bckd calibrates models with one "
+                        "image input")
+    if not (args.preprocess or args.mean or args.std):
+        print("bckd: note: no --mean / --std / --preprocess given for this bare model: "
+              "ImageNet's mean and std (0-255 scale) are used", file=sys.stderr)
+    return preprocess_from(args.model, specs[0], yaml_file=args.preprocess, mean=args.mean,
+                           std=args.std, layout=args.layout, size=args.size)
 
 
 def _calib_images(args: argparse.Namespace, fmt: str) -> int:
@@ -198,9 +221,12 @@ def cmd_calib(args: argparse.Namespace) -> None:
     if str(args.out).endswith(".xml"):
         refuse_existing(os.path.splitext(args.out)[0] + ".bin", "INT8 IR weights", args.force)
     check_model_file(args.model)
-    fmt = args.format or _task_of(args.model).dataset_format
+    card = _card_or_none(args.model)
+    preprocess = _bare_preprocess(args, card)  # the model's problems before the data's
+    fmt = args.format or _calib_format(args, card)
     reader = CalibrationReader.for_model(args.model, args.data, args.split, format=fmt,
-                                         num_images=_calib_images(args, fmt), seed=args.seed)
+                                         num_images=_calib_images(args, fmt), seed=args.seed,
+                                         preprocess=preprocess)
     if args.budget is not None:
         from calib.sensitivity import accuracy_aware_quantize
         from runtime.data import open_dataset
@@ -227,10 +253,10 @@ def cmd_calib(args: argparse.Namespace) -> None:
           f"split '{args.split}', {cal.get('seconds', float('nan')):.1f} s)")
 
 
-def _open(args: argparse.Namespace):
+def _open(args: argparse.Namespace, **extra: Any):
     from runtime.backends import open_runner
 
-    options = {"threads": args.threads or None}
+    options = {"threads": args.threads or None, **extra}
     for name in ("device", "precision", "hint"):
         value = getattr(args, name, None)
         if value:
@@ -270,30 +296,6 @@ def _refuse_out(args: argparse.Namespace) -> None:
         refuse_existing(args.out, "output", getattr(args, "force", False))
 
 
-def _random_input(shape: tuple[int, ...]) -> Any:
-    """A seeded float32 input of ``shape``; one that cannot be allocated is a user error."""
-    import numpy as np
-
-    nbytes = 4 * int(np.prod(shape, dtype=np.float64))
-    total = _physical_memory()
-    if total and nbytes > total // 2:
-        raise BckdError(f"an input of {'x'.join(map(str, shape))} float32 needs "
-                        f"{nbytes / 2**30:.1f} GiB, over half of this machine's "
-                        f"{total / 2**30:.1f} GiB; choose a smaller --size or --batch")
-    try:
-        return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    except MemoryError as exc:
-        raise BckdError(f"cannot allocate an input of {'x'.join(map(str, shape))} float32 "
-                        f"({nbytes / 2**30:.1f} GiB); choose a smaller --size or --batch") from exc
-
-
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
 def _write_json(path: str | None, obj: dict, force: bool) -> None:
     from runtime.files import atomic_write_json, refuse_existing
 
@@ -305,7 +307,6 @@ def _write_json(path: str | None, obj: dict, force: bool) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from runtime.card import read_card
     from runtime.data import open_dataset
     from runtime.data.preprocess import Preprocess
     from runtime.evaluate import evaluate_runner
@@ -313,7 +314,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from runtime.tasks import get_task
 
     _refuse_out(args)
-    card = read_card(args.model)
+    card = _card_or_none(args.model)
+    card = _bare_eval_card(args, card) if _is_bare(card) else card
+    if args.classes and not card.get("bare"):
+        raise BckdError(f"{args.model}'s card names its classes; drop --classes")
     task = get_task(card)
     pre = Preprocess.from_dict(card["preprocess"])
     data = open_dataset(args.data, args.split, format=args.format or task.dataset_format)
@@ -334,6 +338,52 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                  writer=writer, progress=bar)
     _write_json(args.out, {"model": str(args.model), "data": str(args.data),
                            "split": args.split, **result}, args.force)
+
+
+def _is_bare(card: dict | None) -> bool:
+    from runtime.bare import is_bare
+
+    return is_bare(card)
+
+
+def _bare_eval_card(args: argparse.Namespace, card: dict | None) -> dict:
+    """The card of a model bckd did not make, for eval: task, classes and preprocessing from
+    flags (or the --preprocess YAML); semantic segmentation only, whose one output is logits."""
+    from runtime.bare import (bare_card, graph_io, output_dims, preprocess_from,
+                              read_preprocess_yaml)
+    from runtime.data import open_dataset
+
+    extra = read_preprocess_yaml(args.preprocess) if args.preprocess else {}
+    task = args.task or extra.get("task")
+    if not task:
+        raise BckdError(f"{args.model} has no bckd card: give --task semantic and its "
+                        "preprocessing (--size, --mean / --std, or --preprocess FILE.yaml with "
+                        "task and classes); classes default to the dataset's")
+    if task != "semantic":
+        raise BckdError(f"a model bckd did not make is evaluated as --task semantic (one logits "
+                        f"output [N, C, H, W]); for {task}, export it through bckd so its outputs "
+                        "have bckd's layout (num_dets, boxes, scores, labels)")
+    specs, outputs = graph_io(args.model)
+    if len(specs) != 1:
+        raise BckdError(f"{args.model} has {len(specs)} inputs; bckd evaluates one-image-input "
+                        "models")
+    pre = preprocess_from(args.model, specs[0], yaml_file=args.preprocess, mean=args.mean,
+                          std=args.std, layout=args.layout, size=args.size)
+    data = open_dataset(args.data, args.split, format=args.format or "folder")
+    classes = list(data.classes)
+    wanted = args.classes or extra.get("classes")
+    if wanted:
+        wanted = [str(c) for c in (wanted if isinstance(wanted, list) else str(wanted).split(","))]
+        if wanted != classes:
+            raise BckdError(f"--classes {','.join(wanted)} differ from the dataset's "
+                            f"{','.join(classes)}; the model's class i must be the dataset's")
+    dims = output_dims(args.model).get(outputs[0])
+    if dims and (len(dims) != 4 or dims[1] not in (None, len(classes))):
+        raise BckdError(f"{args.model}'s first output '{outputs[0]}' is {list(dims)}, not logits "
+                        f"[N, {len(classes)}, H, W] for the dataset's {len(classes)} classes; "
+                        "evaluate on the dataset the model was trained for")
+    made = bare_card(args.model, specs, outputs, preprocess=pre)
+    return {**(card or {}), **made, "task": "semantic", "classes": classes}
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -380,24 +430,25 @@ def _any_manifest(folder: str) -> dict:
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    import numpy as np
-
-    from runtime.card import read_card
-
     _refuse_out(args)
     if args.backend == "trtexec":
         return _profile_trtexec(args)
-    card = read_card(args.model)
+    from runtime.bare import is_bare
+
+    card = _card_or_none(args.model)
     protocol = dict(warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds,
                     max_seconds=args.max_seconds, cv_threshold=args.cv_threshold)
     if (args.mode == "pipeline") != bool(args.data):
         raise BckdError("--mode pipeline times real images: give it --data DIR (and --data "
                         "only with --mode pipeline)")
     if args.mode == "pipeline":
+        if is_bare(card):
+            raise BckdError(f"--mode pipeline needs the model's preprocessing, and {args.model} "
+                            "has no bckd card; time the network alone (--mode latency)")
         return _profile_pipeline(args, card, protocol)
-    h, w = args.size or tuple(card["preprocess"]["size"])
-    x = _random_input((args.batch, 3, h, w))
-    with _open(args) as runner:
+    x, shapes = _profile_input(args, card)
+    extra = {"shapes": shapes} if args.backend == "openvino" else {}
+    with _open(args, **extra) as runner:
         if args.mode == "throughput":
             from runtime.profile import profile_throughput
 
@@ -418,8 +469,34 @@ def cmd_profile(args: argparse.Namespace) -> None:
     result = stats.to_dict()
     for warning in result.get("warnings") or []:
         print(f"bckd: warning: {warning}", file=sys.stderr)
-    _write_json(args.out, {"model": str(args.model), **info, "input_shape": [args.batch, 3, h, w],
+    first = next(iter(shapes.values()))
+    _write_json(args.out, {"model": str(args.model), **info, "input_shape": list(first),
+                           "input_shapes": {k: list(v) for k, v in shapes.items()},
                            "latency_ms": result}, args.force)
+
+
+def _card_or_none(model: str) -> dict | None:
+    """The model's card (sidecar or embedded), or None for a model bckd did not make."""
+    from runtime.card import read_card_or_none
+
+    return read_card_or_none(model)
+
+
+def _profile_input(args: argparse.Namespace, card: dict | None) -> tuple[Any, dict]:
+    """The timed input (one array, or a dict for several inputs) and its shapes by name: the
+    graph's inputs with dynamic dims from --shape, --size (else the card's size) and --batch."""
+    from runtime.bare import graph_io, is_bare, parse_shapes, random_feed, resolve_shapes
+
+    size = args.size or (tuple(card["preprocess"]["size"]) if not is_bare(card) else None)
+    if os.path.splitext(args.model)[1].lower() in (".onnx", ".xml"):
+        specs, _ = graph_io(args.model)
+    else:  # a TensorRT engine: its runner knows the input
+        with _open(args) as runner:
+            specs = runner.input_specs
+    shapes = resolve_shapes(specs, args.model, shapes=parse_shapes(args.shape), size=size,
+                            batch=args.batch, layout=args.layout)
+    feed = random_feed(specs, shapes)
+    return (next(iter(feed.values())) if len(feed) == 1 else feed), shapes
 
 
 def _profile_pipeline(args: argparse.Namespace, card: dict, protocol: dict) -> None:
@@ -640,6 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-on", default="onnxruntime", choices=["onnxruntime", "openvino"],
                    help="runtime the accuracy-aware search scores on: the one the model is for "
                    "(their INT8 kernels round differently)")
+    _add_bare_preprocess_args(p)
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.set_defaults(func=cmd_calib)
 
@@ -652,6 +730,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
     p.add_argument("--save-predictions", metavar="DIR",
                    help="also save each predicted label map (PNG) for 'bckd score' on a host")
+    g = p.add_argument_group("a model without a bckd card")
+    g.add_argument("--task", choices=["semantic"], help="what the model predicts (semantic "
+                   "segmentation logits [N, C, H, W])")
+    g.add_argument("--classes", type=lambda t: t.split(","), help="its class names, "
+                   "comma-separated, checked against the dataset's (default: the dataset's)")
+    _add_bare_preprocess_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("score", help="metrics of predictions saved by 'bckd eval "
@@ -668,6 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_args(p)
     p.add_argument("--size", type=_size, help="input size (default: the card's)")
     p.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
+    _add_shape_args(p)
     p.add_argument("--mode", default="latency", choices=["latency", "throughput", "pipeline"],
                    help="single-stream latency of the network (default), throughput with "
                    "several requests, or pipeline: decoded --data images through preprocess, "
@@ -693,6 +778,33 @@ def build_parser() -> argparse.ArgumentParser:
                    "JetPack's location)")
     p.set_defaults(func=cmd_profile)
     return parser
+
+
+def _add_shape_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", action="append", metavar="NAME:DIMS",
+                   help="static shape of an input with dynamic dims, e.g. input:1x3x224x224 "
+                   "(repeat per input; the name may be left out for a one-input model)")
+    p.add_argument("--layout", choices=["NCHW", "NHWC"], type=str.upper,
+                   help="layout of a bare model's image input (default: read from the graph)")
+
+
+def _add_bare_preprocess_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("preprocessing of a model without a bckd card")
+    g.add_argument("--size", type=_size, help="input size HxW (default: the input's static H, W)")
+    g.add_argument("--mean", type=_floats, help="per-channel mean, 0-255 scale, e.g. "
+                   "123.675,116.28,103.53 (default: ImageNet's)")
+    g.add_argument("--std", type=_floats, help="per-channel std, 0-255 scale (default: ImageNet's)")
+    g.add_argument("--layout", choices=["NCHW", "NHWC"], type=str.upper,
+                   help="image input layout (default: read from the graph)")
+    g.add_argument("--preprocess", metavar="YAML", help="a YAML file with size, mean, std, "
+                   "layout, resize (the flags override it)")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
 
 
 def positive_int(text: str) -> int:
@@ -722,7 +834,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.backend = runtime_for(args.model)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
-        func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            func(args)
     except BckdError as exc:
         if _launched_rank() == 0:  # under torchrun every rank fails alike: say it once
             print(f"bckd: error: {exc}", file=sys.stderr)
@@ -741,6 +855,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bckd: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, file: Any = None, line: str | None = None) -> None:
+    """bckd's own warnings as one 'bckd: warning:' line; other packages' as Python prints them."""
+    if category.__module__.split(".")[0] in ("runtime", "export", "calib", "distill"):
+        print(f"bckd: warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line).rstrip(),
+              file=sys.stderr)
 
 
 # Packages of the host side (training, export from a checkpoint): their absence on a device is a

@@ -357,11 +357,14 @@ def profile_runner(runner: Runner, x: np.ndarray, **kw: Any) -> LatencyStats:
     precision, threads, artifact) and the input shape are recorded in the stats' ``context``. An
     inactive runner is activated for the measurement.
     """
-    kw.setdefault("batch", int(x.shape[0]))
+    first = next(iter(x.values())) if isinstance(x, dict) else x
+    kw.setdefault("batch", int(first.shape[0]))
     with activated(runner):
         runner.check_input(x)
         stats = profile_latency(lambda: runner.infer(x, check=False), **kw)
-        stats.context.update(runner.describe(), input_shape=list(x.shape))
+        stats.context.update(runner.describe(), input_shape=list(first.shape))
+        if isinstance(x, dict):
+            stats.context["input_shapes"] = {k: list(v.shape) for k, v in x.items()}
     return stats
 
 

@@ -164,10 +164,11 @@ def profile_throughput(
 def _throughput_stats(runner: Runner, x: np.ndarray, stream: QueueStream | ThreadStream,
                       latencies: list[int], window_ns: int, warm: Warmup,
                       proto: Protocol) -> LatencyStats:
-    batch = int(x.shape[0])
+    first = next(iter(x.values())) if isinstance(x, dict) else x
+    batch = int(first.shape[0])
     images = len(latencies) * batch
     fps = images / (window_ns / 1e9) if window_ns > 0 else float("inf")
-    context = {**runner.describe(), "input_shape": list(x.shape), "requests": stream.requests,
+    context = {**runner.describe(), "input_shape": list(first.shape), "requests": stream.requests,
                "concurrency": stream.kind, "images": images}
     return LatencyStats.from_ns(latencies, total_s=window_ns / 1e9, batch=batch, warmup=warm,
                                 mode="throughput", fps=fps, protocol=proto,

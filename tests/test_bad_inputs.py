@@ -149,10 +149,10 @@ def test_an_onnx_whose_sidecar_was_lost_reads_its_embedded_card(work, tmp_path, 
     assert main(["calib", str(lone), "--data", str(work / "data"), "--images", "4",
                  "--out", str(tmp_path / "lone.int8.onnx")]) == 0
     capsys.readouterr()
-    bare = tmp_path / "bare.onnx"  # no sidecar and nothing embedded: the one-line error stays
+    bare = tmp_path / "bare.onnx"  # no sidecar and nothing embedded: eval asks for the task
     shutil.copy(work / "fp32.onnx", bare)
     assert main(["eval", str(bare), "--data", str(work / "data")]) == 1
-    one_line_error(capsys, "model card", "not found")
+    one_line_error(capsys, "no bckd card", "--task semantic", "--size")
 
 
 def test_the_runtime_follows_the_suffix_unless_named() -> None:

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import numpy as np
 
@@ -24,6 +24,10 @@ from runtime.registry import Registry, unknown_name_message
 
 # Letters shown for dynamic dims of an NCHW input in error messages.
 _DYNAMIC_LETTERS = ("N", "C", "H", "W")
+
+
+# One array for a single-input model, or {input name: array} for any model.
+Feed = Union[np.ndarray, dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -101,17 +105,18 @@ class Runner(abc.ABC):
             self._active = False
 
     # -- inference -----------------------------------------------------------------------------
-    def run(self, x: np.ndarray, *, check: bool = True) -> dict[str, np.ndarray]:
+    def run(self, x: Feed, *, check: bool = True) -> dict[str, np.ndarray]:
         """Every output of the model on ``x`` (NCHW), by output name, in the model's order.
 
-        ``check=False`` skips validation for timed loops.
+        ``x`` is one array for a single-input model or ``{input name: array}`` for any model
+        (a multi-input one needs the dict). ``check=False`` skips validation for timed loops.
         """
         self._require_active()
         if check:
             self.check_input(x)
         return self._run_named(x)
 
-    def infer(self, x: np.ndarray, *, check: bool = True) -> np.ndarray:
+    def infer(self, x: Feed, *, check: bool = True) -> np.ndarray:
         """The model's first (for a segmentor: only) output on ``x``; all outputs are computed."""
         self._require_active()
         if check:
@@ -134,15 +139,41 @@ class Runner(abc.ABC):
         """All outputs by name; single-output backends wrap :meth:`_run`."""
         return {self.output_names[0]: self._run(x)}
 
-    def check_input(self, x: np.ndarray) -> None:
-        """Raise a one-line BckdError if ``x`` does not fit the model input."""
+    @property
+    def input_specs(self) -> list[InputSpec]:
+        """Every model input in order; valid once active (single-input backends: one)."""
+        return [self.input_spec]
+
+    def check_input(self, x: Feed) -> None:
+        """Raise a one-line BckdError if ``x`` does not fit the model input(s)."""
         self._require_active()
-        spec = self.input_spec
+        if isinstance(x, dict):
+            return self._check_feed(x)
+        if len(self.input_specs) > 1:
+            names = ", ".join(s.name for s in self.input_specs)
+            raise BckdError(f"{self.artifact.name} has {len(self.input_specs)} inputs ({names}); "
+                            "pass a dict {input name: array}")
+        self._check_one(x, self.input_spec)
+
+    def _check_feed(self, feed: dict[str, np.ndarray]) -> None:
+        specs = {s.name: s for s in self.input_specs}
+        missing, extra = sorted(set(specs) - set(feed)), sorted(set(feed) - set(specs))
+        if missing or extra:
+            raise BckdError(f"the feed for {self.artifact.name} "
+                            + (f"lacks inputs {', '.join(missing)}" if missing else "")
+                            + ("; " if missing and extra else "")
+                            + (f"has unknown inputs {', '.join(extra)}" if extra else "")
+                            + f" (the model's inputs: {', '.join(specs)})")
+        for name, spec in specs.items():
+            self._check_one(feed[name], spec)
+
+    def _check_one(self, x: np.ndarray, spec: InputSpec) -> None:
         if not isinstance(x, np.ndarray):
             raise BckdError(f"input must be a numpy array, got {type(x).__name__}")
         if x.dtype != spec.dtype:
             raise BckdError(
-                f"input dtype {x.dtype} does not match the model input ({spec.dtype}) from "
+                f"input dtype {x.dtype} does not match the model input '{spec.name}' "
+                f"({spec.dtype}) from "
                 f"{self.artifact.name}; convert with x.astype(np.{spec.dtype})"
             )
         if x.ndim != len(spec.shape):
@@ -155,7 +186,9 @@ class Runner(abc.ABC):
         self._check_static_dims(x, spec)
 
     def _check_channels(self, x: np.ndarray, spec: InputSpec) -> None:
-        channels = spec.shape[1] if len(spec.shape) > 1 else None
+        if len(spec.shape) != 4 or spec.shape[-1] in (1, 3, 4) and spec.shape[1] not in (1, 3, 4):
+            return  # not an image batch, or an NHWC one: the static-dims check covers it
+        channels = spec.shape[1]
         if channels is None or x.shape[1] == channels:
             return
         hint = (

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtime.backends.base import BACKENDS, InputSpec, Runner
+from runtime.backends.base import BACKENDS, Feed, InputSpec, Runner
 from runtime.errors import BckdError
 from runtime.lazy import require
 from runtime.registry import unknown_name_message
@@ -40,7 +40,7 @@ DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 @BACKENDS.register("onnxruntime")
 class OnnxRuntimeRunner(Runner):
-    """Runs a single-input ONNX model (one or several outputs) with ONNX Runtime."""
+    """Runs an ONNX model (one or several inputs and outputs) with ONNX Runtime."""
 
     backend = "onnxruntime"
     concurrent_infer = True  # InferenceSession.run is thread-safe and releases the GIL
@@ -76,21 +76,25 @@ class OnnxRuntimeRunner(Runner):
         self.threads = threads if threads is not None else os.cpu_count()
         self.device = _device_name(self.providers[0], (self.provider_options or [{}])[0])
         self._session: Any = None
-        self._input: InputSpec | None = None
+        self._inputs: list[InputSpec] = []
         self._outputs: list[str] = []
 
     @property
     def input_spec(self) -> InputSpec:
         self._require_active()
-        assert self._input is not None  # set by _load
-        return self._input
+        return self._inputs[0]
+
+    @property
+    def input_specs(self) -> list[InputSpec]:
+        self._require_active()
+        return list(self._inputs)
 
     def _load(self) -> None:
         ort = require("onnxruntime", "the onnxruntime backend")
         self._check_providers_available(ort)
         self._session = self._create_session(ort)
         self._check_providers_active()
-        self._input, self._outputs = _io(self._session, self.artifact.name)
+        self._inputs, self._outputs = _io(self._session, self.artifact.name)
 
     def _create_session(self, ort: Any) -> Any:
         opts = ort.SessionOptions()
@@ -136,20 +140,21 @@ class OnnxRuntimeRunner(Runner):
 
     def _release(self) -> None:
         self._session = None
-        self._input = None
+        self._inputs = []
 
     def _output_names(self) -> list[str]:
         return self._outputs
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        assert self._input is not None
-        feed = {self._input.name: np.ascontiguousarray(x)}
-        return self._session.run(self._outputs[:1], feed)[0]
+    def _feed(self, x: Feed) -> dict[str, np.ndarray]:
+        if isinstance(x, dict):
+            return {k: np.ascontiguousarray(v) for k, v in x.items()}
+        return {self._inputs[0].name: np.ascontiguousarray(x)}
 
-    def _run_named(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        assert self._input is not None
-        feed = {self._input.name: np.ascontiguousarray(x)}
-        return dict(zip(self._outputs, self._session.run(self._outputs, feed)))
+    def _run(self, x: Feed) -> np.ndarray:
+        return self._session.run(self._outputs[:1], self._feed(x))[0]
+
+    def _run_named(self, x: Feed) -> dict[str, np.ndarray]:
+        return dict(zip(self._outputs, self._session.run(self._outputs, self._feed(x))))
 
 
 def _ort_load_errors() -> tuple[type[BaseException], ...]:
@@ -167,20 +172,20 @@ def _load_reason(exc: BaseException) -> str:
     return line.split("failed:", 1)[1].strip() if "failed:" in line else line
 
 
-def _io(session: Any, artifact_name: str) -> tuple[InputSpec, list[str]]:
-    """The input spec and the output names of a single-input session."""
+def _io(session: Any, artifact_name: str) -> tuple[list[InputSpec], list[str]]:
+    """The input specs and the output names of a session."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    if len(inputs) != 1 or not outputs:
-        raise BckdError(
-            f"{artifact_name} has {len(inputs)} inputs and {len(outputs)} outputs; "
-            "bckd runs single-input models (an image batch in; logits, or detections, out)"
-        )
-    inp = inputs[0]
-    if inp.type not in _ORT_DTYPES:
-        raise BckdError(f"{artifact_name} input '{inp.name}' has unsupported type {inp.type}")
-    # ORT reports symbolic dims as strings (or None when unnamed).
-    shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape)
-    return InputSpec(inp.name, shape, np.dtype(_ORT_DTYPES[inp.type])), [o.name for o in outputs]
+    if not inputs or not outputs:
+        raise BckdError(f"{artifact_name} has {len(inputs)} inputs and {len(outputs)} outputs; "
+                        "a model needs at least one of each")
+    specs = []
+    for inp in inputs:
+        if inp.type not in _ORT_DTYPES:
+            raise BckdError(f"{artifact_name} input '{inp.name}' has unsupported type {inp.type}")
+        # ORT reports symbolic dims as strings (or None when unnamed).
+        shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape)
+        specs.append(InputSpec(inp.name, shape, np.dtype(_ORT_DTYPES[inp.type])))
+    return specs, [o.name for o in outputs]
 
 
 def _device_name(provider: str, options: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtime.backends.base import BACKENDS, InputSpec, Runner
+from runtime.backends.base import BACKENDS, Feed, InputSpec, Runner
 from runtime.errors import BckdError
 from runtime.lazy import require
 from runtime.registry import unknown_name_message
@@ -33,7 +33,7 @@ DEVICES = ("CPU", "GPU", "NPU")
 
 @BACKENDS.register("openvino")
 class OpenVinoRunner(Runner):
-    """Runs a single-input IR or ONNX model (one or several outputs) with OpenVINO on one device."""
+    """Runs an IR or ONNX model (one or several inputs and outputs) with OpenVINO on one device."""
 
     backend = "openvino"
 
@@ -46,9 +46,13 @@ class OpenVinoRunner(Runner):
         hint: str = "latency",
         threads: int | None = None,
         num_requests: int | None = None,
+        shapes: dict[str, Sequence[int]] | None = None,
         card: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(artifact, card=card)
+        # Static shapes to compile for, by input name (OpenVINO's reshape, benchmark_app's
+        # -shape): a dynamic model compiled static runs the static kernels.
+        self.shapes = {str(k): tuple(int(d) for d in v) for k, v in (shapes or {}).items()}
         self.device = _check_device(device)
         self.requested_precision = _check_precision(precision)
         self.hint = _check_hint(hint)
@@ -65,21 +69,27 @@ class OpenVinoRunner(Runner):
         self._tensor: Any = None  # openvino.Tensor, bound while active
         self._held: tuple | None = None  # the last input Tensor and the array it wraps
         self._queue: Any = None
-        self._input: InputSpec | None = None
+        self._inputs: list[InputSpec] = []
         self._outputs: list[str] = []
 
     @property
     def input_spec(self) -> InputSpec:
         self._require_active()
-        assert self._input is not None  # set by _load
-        return self._input
+        return self._inputs[0]
+
+    @property
+    def input_specs(self) -> list[InputSpec]:
+        self._require_active()
+        return list(self._inputs)
 
     def _load(self) -> None:
         ov = require("openvino", "the openvino backend")
         core = ov.Core()
         self._check_device_available(core)
         model = self._read(core)
-        self._input = _input_of(model, self.artifact.name)
+        if self.shapes:
+            self._reshape(model)
+        self._inputs = _inputs_of(model, self.artifact.name)
         self._outputs = _output_names(model)
         self.quantized = any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
         self._compiled = self._compile(core, model)
@@ -153,9 +163,25 @@ class OpenVinoRunner(Runner):
         self._held = None
         self._tensor = None
         self._compiled = None
-        self._input = None
+        self._inputs = []
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    def _reshape(self, model: Any) -> None:
+        names = {n for port in model.inputs for n in port.get_names()}
+        unknown = sorted(set(self.shapes) - names)
+        if unknown:
+            raise BckdError(f"{self.artifact.name} has no input {', '.join(unknown)} to reshape "
+                            f"(its inputs: {', '.join(sorted(names))})")
+        try:
+            model.reshape({name: list(dims) for name, dims in self.shapes.items()})
+        except RuntimeError as exc:
+            raise BckdError(f"openvino could not reshape {self.artifact.name} to {self.shapes} "
+                            f"({error_reason(exc)}); check the --shape values") from exc
+
+    def _run(self, x: Feed) -> np.ndarray:
+        if isinstance(x, dict):  # several inputs: OpenVINO copies them in
+            self._held = None
+            self._request.infer({k: np.ascontiguousarray(v) for k, v in x.items()})
+            return self._request.get_output_tensor(0).data.copy()
         # The input is wrapped, not copied (~2 % less per call than ``infer({0: x})``, which
         # copies it and builds a dict; bench_runtime.py). A shared Tensor does not own its array,
         # and the request keeps pointing at it after the call: both stay referenced here until
@@ -171,7 +197,7 @@ class OpenVinoRunner(Runner):
     def _output_names(self) -> list[str]:
         return self._outputs
 
-    def _run_named(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def _run_named(self, x: Feed) -> dict[str, np.ndarray]:
         first = self._run(x)  # keeps the input referenced as _run explains
         rest = {name: self._request.get_output_tensor(i).data.copy()
                 for i, name in enumerate(self._outputs) if i}
@@ -195,7 +221,9 @@ class OpenVinoRunner(Runner):
 
         queue.set_callback(done)
         for i, x in enumerate(batches):
-            queue.start_async({0: np.ascontiguousarray(x)}, userdata=i)
+            feed = ({k: np.ascontiguousarray(v) for k, v in x.items()} if isinstance(x, dict)
+                    else {0: np.ascontiguousarray(x)})
+            queue.start_async(feed, userdata=i)
         queue.wait_all()
         return results
 
@@ -269,19 +297,20 @@ def _property(compiled: Any, name: str) -> Any:
         return None
 
 
-def _input_of(model: Any, artifact_name: str) -> InputSpec:
-    """The input spec of a single-input model."""
-    if len(model.inputs) != 1 or not model.outputs:
-        raise BckdError(
-            f"{artifact_name} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
-            "bckd runs single-input models (an image batch in; logits, or detections, out)"
-        )
-    port = model.inputs[0]
-    shape = port.partial_shape
-    if shape.rank.is_dynamic:
-        raise BckdError(f"{artifact_name} input has an unknown rank; re-export it with NCHW input")
-    dims = tuple(d.get_length() if d.is_static else None for d in shape)
-    return InputSpec(port.any_name, dims, np.dtype(port.element_type.to_dtype()))
+def _inputs_of(model: Any, artifact_name: str) -> list[InputSpec]:
+    """The input specs of a model, in order."""
+    if not model.inputs or not model.outputs:
+        raise BckdError(f"{artifact_name} has {len(model.inputs)} inputs and "
+                        f"{len(model.outputs)} outputs; a model needs at least one of each")
+    specs = []
+    for port in model.inputs:
+        shape = port.partial_shape
+        if shape.rank.is_dynamic:
+            raise BckdError(f"{artifact_name} input '{port.any_name}' has an unknown rank; "
+                            "re-export it with a fixed rank")
+        dims = tuple(d.get_length() if d.is_static else None for d in shape)
+        specs.append(InputSpec(port.any_name, dims, np.dtype(port.element_type.to_dtype())))
+    return specs
 
 
 def _output_names(model: Any) -> list[str]:

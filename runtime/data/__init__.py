@@ -32,7 +32,7 @@ from runtime.data.preprocess import (  # noqa: E402
 from runtime.data.folder import FolderDataset, list_splits, write_dataset_meta  # noqa: E402
 from runtime.data.standard import StandardDataset  # noqa: E402
 # Importing a loader module registers its format(s).
-from runtime.data import ade20k, cityscapes, coco, cocostuff, voc  # noqa: E402
+from runtime.data import ade20k, cityscapes, coco, cocostuff, images, voc  # noqa: E402
 from runtime.data.coco import CocoDataset  # noqa: E402
 
 

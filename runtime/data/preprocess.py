@@ -25,7 +25,11 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 # Preprocess.from_dict keys that may be absent, with the meaning of their absence: cards from
 # before letterbox existed resized by stretching.
-_OPTIONAL_KEYS = {"resize": "stretch"}
+# Keys a card may leave out (cards written before they existed mean these values).
+_OPTIONAL_KEYS = {"resize": "stretch", "layout": "NCHW", "dtype": "float32"}
+INPUT_LAYOUTS = ("NCHW", "NHWC")
+# float32: (img - mean) / std; uint8: raw resized pixels (a model that normalises inside).
+INPUT_DTYPES = ("float32", "uint8")
 
 # Pillow modes that already hold one class index per pixel.
 _INDEX_MASK_MODES = ("L", "P", "1")
@@ -175,6 +179,8 @@ class Preprocess:
     std: tuple[float, float, float] = IMAGENET_STD
     ignore_index: int = 255
     resize: str = "stretch"
+    layout: str = "NCHW"  # of the network input batch (third-party models may take NHWC)
+    dtype: str = "float32"
     # (x - mean) / std == x * scale + offset; precomputed once, as float32 (3, 1, 1) for CHW.
     _scale: np.ndarray = field(init=False, repr=False, compare=False)
     _offset: np.ndarray = field(init=False, repr=False, compare=False)
@@ -189,6 +195,10 @@ class Preprocess:
             raise ValueError(f"ignore_index must be in [0, 255] (uint8 masks), got {self.ignore_index}")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.layout not in INPUT_LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(INPUT_LAYOUTS)}, got {self.layout!r}")
+        if self.dtype not in INPUT_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(INPUT_DTYPES)}, got {self.dtype!r}")
         std = np.asarray(self.std, dtype=np.float64)
         mean = np.asarray(self.mean, dtype=np.float64)
         object.__setattr__(self, "_scale", (1.0 / std).astype(np.float32).reshape(3, 1, 1))
@@ -264,11 +274,20 @@ class Preprocess:
         out[..., :ch, :cw] = arr
         return out
 
+    def raw_image(self, img: np.ndarray) -> np.ndarray:
+        """uint8 HxWx3 RGB -> uint8 3xHxW at ``size``, not normalised (letterbox pads with 0)."""
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"expected an HxWx3 RGB image, got shape {img.shape}")
+        return self._pad(resize_image(img, self.content_shape(img.shape[:2])).transpose(2, 0, 1), 0)
+
     def batch(self, imgs: Sequence[np.ndarray]) -> np.ndarray:
-        """A sequence of uint8 HxWx3 images -> float32 Nx3xHxW network input."""
+        """A sequence of uint8 HxWx3 images -> float32 Nx3xHxW network input (``layout`` NHWC:
+        NxHxWx3; ``dtype`` uint8: raw pixels)."""
         if len(imgs) == 0:
             raise ValueError("cannot build a batch from zero images")
-        return np.stack([self.image(img) for img in imgs])
+        one = self.raw_image if self.dtype == "uint8" else self.image
+        out = np.stack([one(img) for img in imgs])
+        return np.ascontiguousarray(out.transpose(0, 2, 3, 1)) if self.layout == "NHWC" else out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as stored in model cards.
@@ -282,8 +301,9 @@ class Preprocess:
             "std": list(self.std),
             "ignore_index": int(self.ignore_index),
         }
-        if self.resize != "stretch":
-            d["resize"] = self.resize
+        for key in ("resize", "layout", "dtype"):  # written when not the default only
+            if getattr(self, key) != _OPTIONAL_KEYS[key]:
+                d[key] = getattr(self, key)
         return d
 
     @classmethod
@@ -308,6 +328,8 @@ class Preprocess:
                 std=tuple(d["std"]),
                 ignore_index=int(d["ignore_index"]),
                 resize=d.get("resize", _OPTIONAL_KEYS["resize"]),
+                layout=d.get("layout", _OPTIONAL_KEYS["layout"]),
+                dtype=d.get("dtype", _OPTIONAL_KEYS["dtype"]),
             )
         except (TypeError, ValueError) as exc:
             raise BckdError(f"invalid preprocessing settings: {exc}") from exc

@@ -79,7 +79,13 @@ class SemanticTask(Task):
     def postprocess(self, outputs: dict[str, np.ndarray], card: dict[str, Any] | None,
                     preprocess: Any, samples: Sequence[Sample]) -> list[np.ndarray]:
         logits = next(iter(outputs.values()))
-        return list(np.argmax(logits, axis=1))
+        labels = np.argmax(logits, axis=1)
+        size = tuple(getattr(preprocess, "size", labels.shape[1:]))
+        if labels.shape[1:] != size:  # a model whose logits are at a stride (bare models)
+            rows = (np.arange(size[0]) * labels.shape[1]) // size[0]
+            cols = (np.arange(size[1]) * labels.shape[2]) // size[1]
+            labels = labels[:, rows[:, None], cols[None, :]]  # nearest neighbour
+        return list(labels)
 
     def meter(self, dataset: Any, preprocess: Any, card: dict[str, Any] | None) -> Meter:
         classes = list((card or {}).get("classes") or dataset.classes)

@@ -11,7 +11,9 @@ Parts (any combination; each writes ``<out>/<part>.json`` and prints a table):
   both ways.
 * ``--seeds S ...``: students none / kd / bckd from the run's teacher, one per seed, scored with
   COCO box AP (and mask AP and mask LHD for instance) on the validation split through the
-  runtime's own postprocess, and MFS against the teacher; mean ± std over seeds.
+  runtime's own postprocess, and MFS against the teacher; mean ± std over seeds. Each student is
+  also scored on a held-out split (``heldout_*``): scenes of another generator seed
+  (``HELDOUT_SEED``) that no training run, no variant search and no default choice ever saw.
 
     python tests/benchmarks/bench_detect.py --out /tmp/bench-det --task detect --run --parity \
         --seeds 0 1 2
@@ -35,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 METHODS = ("none", "kd", "bckd")
 PARITY_SIZE = (160, 224)  # the default run traces at 128x128
+HELDOUT_SEED, HELDOUT_IMAGES = 1000, 400
 
 
 def run_default(out: Path, task: str, quick: bool = False) -> dict:
@@ -165,10 +168,12 @@ def seeds(out: Path, task: str, seed_list: list[int], methods: tuple[str, ...] =
     card = json.loads((run / "onnx" / "student-bckd.onnx.card.json").read_text())
     pre = Preprocess.from_dict(card["preprocess"])
     val = open_dataset(data, "val", format="coco")
+    heldout = open_dataset(heldout_data(out, task, cfg), "val", format="coco")
     teacher_model, _ = load_student(teacher)
     mfs_images = [torch.from_numpy(pre.batch([val.load(i)[0] for i in range(lo, lo + 8)]))
                   for lo in range(0, 32, 8)]
-    results: dict[str, list[dict]] = {"teacher": [score(teacher_model, val, pre, card)]}
+    results: dict[str, list[dict]] = {"teacher": [score_both(teacher_model, val, heldout, pre,
+                                                             card)]}
     for seed in seed_list:
         for method in methods:
             name = method + (f"[{tag}]" if tag else "")
@@ -183,7 +188,7 @@ def seeds(out: Path, task: str, seed_list: list[int], methods: tuple[str, ...] =
                                     teacher=teacher if method != "none" else None, force=True,
                                     log=lambda _: None)
                 model, _ = load_student(res.checkpoint)
-                row = score(model, val, pre, card)
+                row = score_both(model, val, heldout, pre, card)
                 row["mfs"] = manifold_stability(model, teacher_model, mfs_images)["mfs"]
                 row.update(seed=seed, method=method, options=dict(options or {}),
                            seconds=round(time.perf_counter() - start, 1))
@@ -208,6 +213,23 @@ def seeds(out: Path, task: str, seed_list: list[int], methods: tuple[str, ...] =
     return result
 
 
+def heldout_data(out: Path, task: str, cfg) -> Path:
+    """The held-out split: the default scenes' generator at another seed, written once."""
+    from runtime.data.synth import synthesize
+
+    folder = out / f"heldout-{task}"
+    if not (folder / "dataset.json").is_file():
+        synthesize(folder, n_train=1, n_val=HELDOUT_IMAGES, size=tuple(cfg.data.synth.size),
+                   seed=HELDOUT_SEED, task=task, force=True)
+    return folder
+
+
+def score_both(model, val, heldout, pre, card) -> dict:
+    row = score(model, val, pre, card)
+    row.update({f"heldout_{k}": v for k, v in score(model, heldout, pre, card).items()})
+    return row
+
+
 def score(model, val, pre, card) -> dict:
     """COCO AP in points (and mask LHD in px for instance) through the runtime postprocess."""
     from distill.tasks import validate_detector
@@ -221,7 +243,8 @@ def score(model, val, pre, card) -> dict:
 
 
 def print_seeds(result: dict) -> None:
-    keys = [k for k in ("box_ap", "box_ap50", "mask_ap", "boundary_ap", "mfs")
+    keys = [k for k in ("box_ap", "box_ap50", "mask_ap", "boundary_ap", "heldout_box_ap",
+                        "heldout_mask_ap", "mfs")
             if any(k in s for s in result["summary"].values())]
     print(f"\n{result['task']}: students over seeds {result['seeds']} "
           f"({result['epochs']} epochs), mean ± std")

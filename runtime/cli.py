@@ -296,14 +296,31 @@ def _refuse_out(args: argparse.Namespace) -> None:
         refuse_existing(args.out, "output", getattr(args, "force", False))
 
 
-def _write_json(path: str | None, obj: dict, force: bool) -> None:
+def _write_json(path: str | None, obj: dict, force: bool, args: Any = None,
+                human: Callable[[dict], str] | None = None) -> None:
+    """Write ``obj`` to ``path`` (when given); print it as JSON, or as ``human`` text unless the
+    command was given --json."""
     from runtime.files import atomic_write_json, refuse_existing
 
-    text = json.dumps(obj, indent=2)
     if path:
         refuse_existing(path, "output", force)
         atomic_write_json(path, obj)
-    print(text)
+    if human is not None and not getattr(args, "json", False):
+        print(human(obj))
+    else:
+        print(json.dumps(obj, indent=2))
+
+
+def _eval_text(obj: dict) -> str:
+    from runtime.human import eval_text
+
+    return eval_text(obj)
+
+
+def _profile_text(obj: dict) -> str:
+    from runtime.human import profile_text
+
+    return profile_text(obj)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -337,7 +354,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         result = evaluate_runner(runner, data, pre, card["classes"], batch_size=args.batch,
                                  writer=writer, progress=bar)
     _write_json(args.out, {"model": str(args.model), "data": str(args.data),
-                           "split": args.split, **result}, args.force)
+                           "split": args.split, "backend": args.backend,
+                           "precision": runner.precision, "device": runner.device,
+                           "threads": runner.threads, "images": len(data), **result},
+                args.force, args, _eval_text)
 
 
 def _is_bare(card: dict | None) -> bool:
@@ -404,14 +424,14 @@ def cmd_score(args: argparse.Namespace) -> None:
                       len(manifest["ids"])) as bar:
             result = score_detections(args.predictions, data, progress=bar)
         return _write_json(args.out, {"predictions": str(args.predictions), "data": str(args.data),
-                                      "split": split, **result}, args.force)
+                                      "split": split, **result}, args.force, args, _eval_text)
     manifest = read_manifest(args.predictions)
     data = open_dataset(args.data, split, format=args.format or "folder")
     with Progress(f"[score] {os.path.basename(os.path.normpath(args.predictions))}",
                   len(manifest["ids"])) as bar:
         result = score_predictions(args.predictions, data, progress=bar)
     _write_json(args.out, {"predictions": str(args.predictions), "data": str(args.data),
-                           "split": split, **result}, args.force)
+                           "split": split, **result}, args.force, args, _eval_text)
 
 
 def _any_manifest(folder: str) -> dict:
@@ -472,7 +492,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     first = next(iter(shapes.values()))
     _write_json(args.out, {"model": str(args.model), **info, "input_shape": list(first),
                            "input_shapes": {k: list(v) for k, v in shapes.items()},
-                           "latency_ms": result}, args.force)
+                           "latency_ms": result}, args.force, args, _profile_text)
 
 
 def _card_or_none(model: str) -> dict | None:
@@ -522,7 +542,8 @@ def _profile_pipeline(args: argparse.Namespace, card: dict, protocol: dict) -> N
     _write_json(args.out, {"model": str(args.model), "backend": result.get("backend"),
                            "device": result.get("device"), "precision": result.get("precision"),
                            "threads": result.get("threads"), "data": str(args.data),
-                           "split": args.split, "latency_ms": result}, args.force)
+                           "split": args.split, "latency_ms": result}, args.force, args,
+                _profile_text)
 
 
 def _profile_trtexec(args: argparse.Namespace) -> None:
@@ -542,7 +563,7 @@ def _profile_trtexec(args: argparse.Namespace) -> None:
     for warning in result.get("warnings") or []:
         print(f"bckd: warning: trtexec: {warning}", file=sys.stderr)
     _write_json(args.out, {"model": str(args.model), "backend": "trtexec", "latency_ms": result},
-                args.force)
+                args.force, args, _profile_text)
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
@@ -562,6 +583,12 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep-option", action="append", metavar="KEY=VALUE",
                    help="option of the first provider, repeatable (e.g. device_id=0, "
                    "trt_fp16_enable=True, trt_engine_cache_enable=True)")
+    _add_output_args(p)
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print the full JSON result instead of the short table")
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
@@ -744,8 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root with the ground truth")
     p.add_argument("--split", help="split (default: the one the predictions were made on)")
     p.add_argument("--format", help="dataset format (default: folder, coco for detections)")
-    p.add_argument("--out", help="also write the JSON result to this file")
-    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    _add_output_args(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("profile", help="latency of an artifact on this machine")

@@ -22,7 +22,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-FAST = ["--warmup", "1", "--iters", "5", "--min-seconds", "0.05", "--max-seconds", "2"]
+FAST = ["--warmup", "1", "--iters", "5", "--min-seconds", "0.05", "--max-seconds", "2", "--json"]
 
 
 def _save(path: Path, nodes, inputs, outputs, weights) -> Path:
@@ -194,7 +194,7 @@ def test_eval_of_a_bare_segmentor_takes_task_and_preprocessing(tmp_path, capsys)
     model = two_output_model(tmp_path / "seg.onnx", classes=len(classes))
     (tmp_path / "pre.yaml").write_text("task: semantic\nsize: [32, 32]\n")
     assert main(["eval", str(model), "--data", str(data), "--preprocess",
-                 str(tmp_path / "pre.yaml")]) == 0
+                 str(tmp_path / "pre.yaml"), "--json"]) == 0
     result = _json(capsys)
     assert 0 <= result["miou"] <= 1 and set(result["per_class_iou"]) == set(classes)
     assert main(["eval", str(model), "--data", str(data), "--task", "semantic", "--size", "32",
@@ -232,3 +232,24 @@ def test_preprocess_layout_and_dtype() -> None:
     np.testing.assert_array_equal(raw.batch([img])[0], img)
     assert "layout" not in nchw.to_dict() and "dtype" not in nchw.to_dict()
     assert Preprocess.from_dict(raw.to_dict()) == raw
+
+
+def test_profile_and_eval_print_a_table_for_people(tmp_path, capsys) -> None:
+    from runtime.data.synth import synthesize
+
+    data = synthesize(tmp_path / "data", n_train=2, n_val=3, size=(32, 32), seed=0)
+    classes = json.loads((data / "dataset.json").read_text())["classes"]
+    model = two_output_model(tmp_path / "seg.onnx", classes=len(classes))
+    fast = [a for a in FAST if a != "--json"]
+    assert main(["profile", str(model), "--size", "32", *fast]) == 0
+    out = capsys.readouterr().out
+    for needle in ("onnxruntime fp32 on cpu", "image 1x3x32x32", "p50 ", "p95 ", "p99 ",
+                   "mean ± std", "FPS", "batch × 1000 / mean latency"):
+        assert needle in out, out
+    assert "{" not in out
+    assert main(["eval", str(model), "--data", str(data), "--task", "semantic", "--size",
+                 "32", "--out", str(tmp_path / "eval.json")]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "eval.json").read_text())  # --out keeps the whole JSON
+    assert f"mIoU  {100 * saved['miou']:.2f}%".replace("  ", " ") in " ".join(out.split())
+    assert classes[1] in out and "LHD" in out

@@ -25,7 +25,9 @@ needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not in
 
 
 def run_ok(argv: list[str], capsys) -> str:
-    rc = main([str(a) for a in argv])
+    """stdout of a successful command (eval / profile: their --json form)."""
+    argv = [str(a) for a in argv] + (["--json"] if argv[0] in ("eval", "profile") else [])
+    rc = main(argv)
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     return captured.out

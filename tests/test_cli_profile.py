@@ -12,7 +12,7 @@ from trtexec_fake import write_fake_trtexec
 
 
 def run_json(argv: list, capsys) -> dict:
-    rc = main([str(a) for a in argv])
+    rc = main([str(a) for a in argv] + ["--json"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     return json.loads(captured.out)
@@ -80,11 +80,11 @@ def test_predictions_saved_on_the_device_score_the_same_on_the_host(work, tmp_pa
 def test_eval_and_score_show_progress_on_stderr_only(work, tmp_path, capsys):
     preds = tmp_path / "preds"
     rc = main(["eval", str(work / "fp32.onnx"), "--data", str(work / "data"),
-               "--save-predictions", str(preds)])
+               "--save-predictions", str(preds), "--json"])
     captured = capsys.readouterr()
     n = json.loads(captured.out)["images"]  # stdout stays pure JSON
     assert rc == 0 and f"[eval] fp32.onnx (onnxruntime) {n}/{n} img (100%" in captured.err
-    rc = main(["score", str(preds), "--data", str(work / "data")])
+    rc = main(["score", str(preds), "--data", str(work / "data"), "--json"])
     captured = capsys.readouterr()
     assert rc == 0 and f"[score] preds {n}/{n} img (100%" in captured.err
     json.loads(captured.out)

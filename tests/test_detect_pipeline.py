@@ -51,10 +51,10 @@ def test_eval_save_predictions_then_score_gives_the_same_ap(run, capsys) -> None
     onnx = folder / "onnx" / "student-bckd.onnx"
     preds = folder / "preds"
     assert main(["eval", str(onnx), "--data", str(folder / "data"), "--batch", "4",
-                 "--save-predictions", str(preds)]) == 0
+                 "--save-predictions", str(preds), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert (preds / "results_bbox.json").is_file()
-    assert main(["score", str(preds), "--data", str(folder / "data")]) == 0
+    assert main(["score", str(preds), "--data", str(folder / "data"), "--json"]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["box_ap"] == pytest.approx(evaluated["box_ap"], abs=1e-12)
 

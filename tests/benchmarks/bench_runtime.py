@@ -82,7 +82,7 @@ def bckd_profile_p50(args) -> float:
     cmd = [sys.executable, "-m", "runtime.cli", "profile", args.model, "--backend", "openvino",
            "--precision", args.precision, "--hint", "latency", "--threads", str(args.threads),
            "--iters", "100", "--min-seconds", str(args.seconds),
-           "--max-seconds", str(10 * args.seconds)]
+           "--max-seconds", str(10 * args.seconds), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     if proc.returncode != 0:
         sys.exit(f"bckd profile failed ({proc.returncode}): {proc.stderr[-800:]}")

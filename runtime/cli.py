@@ -208,12 +208,12 @@ def _calib_images(args: argparse.Namespace, fmt: str) -> int:
 def cmd_calib(args: argparse.Namespace) -> None:
     from calib.reader import CalibrationReader
 
-    if args.budget is not None and args.backend != "onnxruntime":
+    if args.budget is not None and args.quantizer != "onnxruntime":
         raise BckdError("--budget (accuracy-aware INT8) writes a Q/DQ ONNX; drop "
-                        "--backend nncf or the budget")
-    if args.activations != "int8" and (args.budget is not None or args.backend != "onnxruntime"):
+                        "--quantizer nncf or the budget")
+    if args.activations != "int8" and (args.budget is not None or args.quantizer != "onnxruntime"):
         raise BckdError("--activations uint8 applies to a plain Q/DQ ONNX only (no --budget, "
-                        "no --backend nncf); drop one of them")
+                        "no --quantizer nncf); drop one of them")
     from calib.quantize import check_model_file
     from runtime.files import refuse_existing
 
@@ -233,12 +233,13 @@ def cmd_calib(args: argparse.Namespace) -> None:
 
         heldout = open_dataset(args.data, args.heldout_split or args.split, format=fmt)
         card = accuracy_aware_quantize(args.model, args.out, reader, heldout, budget=args.budget,
-                                       method=args.method, heldout_images=args.heldout_images,
+                                       method=args.calibration,
+                                       heldout_images=args.heldout_images,
                                        backend=args.score_on, force=args.force)
         s = card["sensitivity"]
         print(f"kept {len(s['float_nodes'])} layers in float: {', '.join(s['float_nodes']) or '-'}"
               f" ({'within' if s['within_budget'] else 'NOT within'} the {args.budget} budget)")
-    elif args.backend == "nncf":
+    elif args.quantizer == "nncf":
         from calib.nncf_ptq import quantize_openvino
 
         card = quantize_openvino(args.model, args.out, reader, preset=args.preset,
@@ -246,10 +247,10 @@ def cmd_calib(args: argparse.Namespace) -> None:
     else:
         from calib.quantize import quantize_onnx
 
-        card = quantize_onnx(args.model, args.out, reader, method=args.method,
+        card = quantize_onnx(args.model, args.out, reader, method=args.calibration,
                              activations=args.activations, force=args.force)
     cal = card.get("calibration", {})
-    print(f"wrote {args.out} (INT8, {cal.get('method', args.method)} on {len(reader.ids)} images of "
+    print(f"wrote {args.out} (INT8, {cal.get('method', args.calibration)} on {len(reader.ids)} images of "
           f"split '{args.split}', {cal.get('seconds', float('nan')):.1f} s)")
 
 
@@ -261,6 +262,12 @@ def _open(args: argparse.Namespace, **extra: Any):
         value = getattr(args, name, None)
         if value:
             options[name] = value
+    old = {"f32": "fp32", "f16": "fp16"}.get(str(options.get("precision", "")).lower())
+    if old:
+        print(f"bckd: note: --precision {options['precision']} is now {old} (one vocabulary: "
+              "fp32, fp16, bf16, int8); the old spelling works until the next release",
+              file=sys.stderr)
+        options["precision"] = old
     providers, ep_options = getattr(args, "providers", None), getattr(args, "ep_option", None)
     if (providers or ep_options) and args.backend != "onnxruntime":
         raise BckdError("--providers and --ep-option are for --backend onnxruntime; other "
@@ -575,7 +582,7 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="device of backends that have several (openvino: CPU, GPU, "
                    "NPU)")
     p.add_argument("--precision", help="inference precision of backends that take one "
-                   "(openvino: f32, bf16, f16; default f32)")
+                   "(openvino: fp32, bf16, fp16; default fp32, never the CPU's silent bf16)")
     p.add_argument("--hint", help="openvino performance hint: latency or throughput")
     p.add_argument("--providers", help="onnxruntime execution providers in order of preference, "
                    "e.g. tensorrt,cuda,cpu (default cpu); a provider that fails to start is an "
@@ -586,6 +593,33 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     _add_output_args(p)
 
 
+class _Renamed(argparse.Action):
+    """An old flag spelling: still works, with a one-line note naming the new one."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str = "",
+                 **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(f"bckd: note: {option_string} is now {self.new} here; the old spelling works "
+              "until the next release", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _renamed(p: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
+    p.add_argument(old, action=_Renamed, new=new, dest=new.lstrip("-").replace("-", "_"),
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+
+def _add_data_format(p: argparse.ArgumentParser, default: str | None, help: str) -> None:
+    """--data-format (dest 'format'): the dataset's format; --format is its old spelling."""
+    p.add_argument("--data-format", dest="format", default=default, metavar="FORMAT", help=help)
+    p.add_argument("--format", action=_Renamed, new="--data-format", dest="format",
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="print the full JSON result instead of the short table")
@@ -593,8 +627,59 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag's default in its help line (unless the text already states it); the
+    examples epilog kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        empty = default is None or default is False or default == argparse.SUPPRESS or (
+            isinstance(default, (list, str)) and not default)
+        if text and "default" not in text and action.option_strings and not empty:
+            shown = "x".join(map(str, default)) if isinstance(default, tuple) else default
+            text += f" (default: {shown})"
+        return text
+
+
+# One example or more per command, shown under its --help.
+EXAMPLES = {
+    "bckd": "bckd run --out runs/first            # the whole chain on the built-in data\n"
+            "bckd run --task detect --quick --out runs/det",
+    "bckd run": "bckd run --out runs/seg\nbckd run --task instance --quick --out runs/inst\n"
+                "bckd run my.yaml --out runs/mine",
+    "bckd data synth": "bckd data synth --out data/ --task detect --size 128",
+    "bckd distill": "bckd distill --data data/ --out teacher.pt --method none\n"
+                    "bckd distill --data data/ --teacher teacher.pt --method bckd+cwd "
+                    "--out student.pt",
+    "bckd analyze mfs": "bckd analyze mfs --student s.pt --teacher t.pt --data data/",
+    "bckd export": "bckd export student.pt --out student.onnx\n"
+                   "bckd export student.onnx --out student.xml\n"
+                   "bckd export student.onnx --out student.engine --precision fp16  # device",
+    "bckd calib": "bckd calib student.onnx --data data/ --out student.int8.onnx\n"
+                  "bckd calib student.xml --quantizer nncf --data data/ --out student.int8.xml\n"
+                  "bckd calib theirs.onnx --data images/ --size 224x224 --mean 0,0,0 "
+                  "--std 255,255,255 --out theirs.int8.onnx",
+    "bckd eval": "bckd eval student.xml --data data/\n"
+                 "bckd eval student.engine --data data/ --save-predictions preds/ --json\n"
+                 "bckd eval theirs.onnx --data data/ --task semantic --size 128",
+    "bckd score": "bckd score preds/ --data data/",
+    "bckd profile": "bckd profile student.xml --threads 2\n"
+                    "bckd profile theirs.onnx --shape input:1x3x224x224\n"
+                    "bckd profile student.engine --telemetry auto    # power on a Jetson",
+}
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with bckd's error convention: one line on stderr, exit status 1."""
+    """argparse with bckd's error convention: one line on stderr, exit status 1; --help shows
+    the defaults and examples."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        if self.epilog is None and self.prog in EXAMPLES:
+            self.epilog = "examples:\n" + "\n".join(
+                "  " + line for line in EXAMPLES[self.prog].splitlines())
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(1, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
@@ -631,10 +716,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_command", required=True, metavar="ACTION", parser_class=_Parser)
     p = data.add_parser("synth", help="write the built-in procedural dataset")
     p.add_argument("--out", required=True, help="dataset directory to create")
-    p.add_argument("--n-train", type=int, default=600)
-    p.add_argument("--n-val", type=int, default=200)
+    p.add_argument("--n-train", type=int, default=600, help="training images")
+    p.add_argument("--n-val", type=int, default=200, help="validation images")
     p.add_argument("--size", type=_size, default=(128, 128), help="image size N or HxW")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument("--task", default="semantic", choices=["semantic", "detect", "instance"],
                    help="semantic: the folder format only (default); detect / instance: also "
                    "COCO instances json (boxes; + RLE masks) of the same scenes")
@@ -643,8 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="train a student (distilled from --teacher) on a dataset")
     p.add_argument("--data", required=True, help="dataset root")
-    p.add_argument("--format", help="dataset format: folder, voc, cityscapes, ade20k, "
-                   "cocostuff10k (default: data.format in the config, else folder)")
+    _add_data_format(p, None, "dataset format: folder, voc, cityscapes, ade20k, cocostuff10k, "
+                     "coco (default: data.format in the config, else folder)")
     p.add_argument("--out", required=True, help="student checkpoint to write (.pt)")
     p.add_argument("--config", help="YAML with data/model/train/kd sections")
     p.add_argument("--teacher", help="teacher checkpoint written by bckd distill")
@@ -668,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="teacher checkpoint (.pt)")
     p.add_argument("--data", required=True, help="dataset root")
     p.add_argument("--split", default="val")
-    p.add_argument("--format", default="folder", help="dataset format (default folder)")
+    _add_data_format(p, "folder", "dataset format")
     p.add_argument("--images", type=int, default=32, help="images scored (default 32)")
     p.add_argument("--epsilon", type=float, default=1e-3, help="perturbation norm ε")
     p.add_argument("--eta", type=float, default=1e-6, help="floor η of the teacher's constant")
@@ -718,13 +803,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root to draw calibration images from")
     p.add_argument("--split", default="train", help="calibration split (default train; "
                    "evaluation refuses to score on calibration images)")
-    p.add_argument("--format", help="dataset format (default: folder for segmentation, coco "
-                   "for detect / instance models)")
+    _add_data_format(p, None, "dataset format (default: folder for segmentation, coco for "
+                     "detect / instance models, images for a model without a bckd card)")
     p.add_argument("--out", required=True, help="INT8 file to write (.onnx, or .xml for nncf)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "nncf"],
+    _renamed(p, "--backend", "--quantizer", choices=["onnxruntime", "nncf"])
+    p.add_argument("--quantizer", default="onnxruntime", choices=["onnxruntime", "nncf"],
                    help="onnxruntime: Q/DQ ONNX for ORT / OpenVINO / TensorRT (default); "
                    "nncf: OpenVINO IR")
-    p.add_argument("--method", default="percentile", choices=["minmax", "entropy", "percentile"],
+    _renamed(p, "--method", "--calibration", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--calibration", default="percentile",
+                   choices=["minmax", "entropy", "percentile"],
                    help="range estimation (default percentile: the best INT8 mIoU measured on "
                    "both ONNX Runtime and OpenVINO, see README)")
     p.add_argument("--activations", default="int8", choices=["int8", "uint8"],
@@ -740,7 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "layers in float until it holds")
     p.add_argument("--heldout-split", help="split to measure sensitivity on (default: the "
                    "calibration split minus the calibration images)")
-    p.add_argument("--heldout-images", type=int, default=100)
+    p.add_argument("--heldout-images", type=int, default=100,
+                   help="images the accuracy-aware search scores each candidate on")
     p.add_argument("--score-on", default="onnxruntime", choices=["onnxruntime", "openvino"],
                    help="runtime the accuracy-aware search scores on: the one the model is for "
                    "(their INT8 kernels round differently)")
@@ -752,8 +841,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_args(p)
     p.add_argument("--data", required=True, help="dataset root")
     p.add_argument("--split", default="val")
-    p.add_argument("--format", help="dataset format (default: folder for segmentation, coco "
-                   "for detection and instance models)")
+    _add_data_format(p, None, "dataset format (default: folder for segmentation, coco for "
+                     "detection and instance models)")
     p.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
     p.add_argument("--save-predictions", metavar="DIR",
                    help="also save each predicted label map (PNG) for 'bckd score' on a host")
@@ -770,7 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("predictions", help="folder written by bckd eval --save-predictions")
     p.add_argument("--data", required=True, help="dataset root with the ground truth")
     p.add_argument("--split", help="split (default: the one the predictions were made on)")
-    p.add_argument("--format", help="dataset format (default: folder, coco for detections)")
+    _add_data_format(p, None, "dataset format (default: folder, coco for detections)")
     _add_output_args(p)
     p.set_defaults(func=cmd_score)
 
@@ -785,7 +874,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "network and postprocess, each stage timed")
     p.add_argument("--data", help="dataset root whose images --mode pipeline times")
     p.add_argument("--split", default="val", help="split of --data (default val)")
-    p.add_argument("--format", default="folder", help="format of --data (default folder)")
+    _add_data_format(p, "folder", "format of --data")
     p.add_argument("--images", type=positive_int, default=8,
                    help="images --mode pipeline cycles through (default 8)")
     p.add_argument("--requests", type=int, default=0,

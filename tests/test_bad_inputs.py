@@ -51,11 +51,11 @@ def test_nncf_calib_on_an_ir_without_its_bin_or_with_a_truncated_one(work, tmp_p
     data = weights.read_bytes()
     out = tmp_path / "q.xml"
     weights.unlink()
-    assert main(["calib", str(xml), "--backend", "nncf", "--data", str(work / "data"),
+    assert main(["calib", str(xml), "--quantizer", "nncf", "--data", str(work / "data"),
                  "--out", str(out)]) == 1
     one_line_error(capsys, "has no weights file m.bin")
     weights.write_bytes(data[: len(data) // 3])
-    assert main(["calib", str(xml), "--backend", "nncf", "--data", str(work / "data"),
+    assert main(["calib", str(xml), "--quantizer", "nncf", "--data", str(work / "data"),
                  "--out", str(out)]) == 1
     one_line_error(capsys, "OpenVINO cannot read", "Incorrect weights")
     assert not out.exists() and not out.with_suffix(".bin").exists()

@@ -132,7 +132,7 @@ def test_a_third_party_model_goes_through_profile_ir_calib_and_int8_profile(
     capsys.readouterr()
     assert main(["profile", str(tmp_path / "third.int8.onnx"), "--size", "48x64", *FAST]) == 0
     assert _json(capsys)["precision"] == "int8"
-    assert main(["calib", str(tmp_path / "third.xml"), "--backend", "nncf", "--data", str(images),
+    assert main(["calib", str(tmp_path / "third.xml"), "--quantizer", "nncf", "--data", str(images),
                  "--size", "48x64", "--mean", "0,0,0", "--std", "255,255,255",
                  "--out", str(tmp_path / "third.int8.xml")]) == 0
     card = json.loads((tmp_path / "third.int8.xml.card.json").read_text())

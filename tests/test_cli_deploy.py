@@ -62,7 +62,7 @@ def test_calib_then_eval_refuses_calibration_images(work, capsys):
 def test_calib_accuracy_aware_from_the_cli(work, capsys):
     out = work / "aware.onnx"
     text = run_ok(["calib", work / "fp32.onnx", "--data", work / "data", "--images", 10,
-                   "--method", "minmax", "--budget", 0, "--heldout-images", 6, "--out", out],
+                   "--calibration", "minmax", "--budget", 0, "--heldout-images", 6, "--out", out],
                   capsys)
     assert "budget" in text
     s = read_card(out)["sensitivity"]
@@ -86,7 +86,7 @@ def test_calib_uint8_activations_for_onnxruntime(work, capsys):
 
 
 def test_calib_budget_with_nncf_is_refused(work, capsys):
-    user_error(["calib", work / "fp32.onnx", "--data", work / "data", "--backend", "nncf",
+    user_error(["calib", work / "fp32.onnx", "--data", work / "data", "--quantizer", "nncf",
                 "--budget", 1, "--out", work / "x.xml"], capsys, "Q/DQ ONNX")
 
 
@@ -94,7 +94,7 @@ def test_calib_budget_with_nncf_is_refused(work, capsys):
 def test_calib_nncf_writes_an_ir_that_runs(work, capsys):
     out = work / "nncf.xml"
     run_ok(["calib", work / "fp32.onnx", "--data", work / "data", "--images", 8,
-            "--backend", "nncf", "--out", out], capsys)
+            "--quantizer", "nncf", "--out", out], capsys)
     assert out.with_suffix(".bin").is_file() and read_card(out)["precision"] == "int8"
     result = json.loads(run_ok(["eval", out, "--backend", "openvino", "--data", work / "data",
                                 "--split", "val"], capsys))
@@ -107,7 +107,7 @@ def test_export_openvino_then_eval_and_profile(work, capsys):
     run_ok(["export", work / "fp32.onnx", "--out", xml], capsys)  # the format from the suffix
     assert xml.is_file() and xml.with_suffix(".bin").is_file()
     ort_result = json.loads(run_ok(["eval", work / "fp32.onnx", "--data", work / "data"], capsys))
-    ov_result = json.loads(run_ok(["eval", xml, "--backend", "openvino", "--precision", "f32",
+    ov_result = json.loads(run_ok(["eval", xml, "--backend", "openvino", "--precision", "fp32",
                                    "--data", work / "data"], capsys))
     assert ov_result["miou"] == pytest.approx(ort_result["miou"], abs=1e-6)
     # bf16 where the CPU has bf16 units; elsewhere OpenVINO would run f32 and bf16 is refused
@@ -163,7 +163,7 @@ def test_export_errors_are_one_line(work, capsys):
                "converts an ONNX file")
     user_error(["export", work / "fp32.onnx", "--out", work / "a.bin"], capsys,
                "cannot tell the format")
-    user_error(["profile", work / "fp32.onnx", "--backend", "onnxruntime", "--precision", "f32"],
+    user_error(["profile", work / "fp32.onnx", "--backend", "onnxruntime", "--precision", "fp32"],
                capsys, "precision")
 
 

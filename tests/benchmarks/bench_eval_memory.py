@@ -83,7 +83,7 @@ def measure(backend: str, model: Path, data: Path, out: Path, threads: int,
     cmd = [sys.executable, "-m", "runtime.cli", "eval", str(model), "--backend", backend,
            "--data", str(data), "--split", "val", "--threads", str(threads), "--out", str(out)]
     if backend == "openvino":
-        cmd += ["--precision", "f32"]
+        cmd += ["--precision", "fp32"]
     log = out.with_suffix(".log")
     start = time.perf_counter()
     with open(log, "w") as err:

@@ -84,6 +84,9 @@ class CalibrationReader:
         self.input_name = input_name
         self._sha256: str | None = None
         self._pending: Iterator[np.ndarray] | None = None
+        # A label, e.g. '[calib] reading train images': each pass shows a bar on stderr.
+        self.progress = ""
+        self._passes = 0
 
     @classmethod
     def from_split(cls, root: str | os.PathLike, split: str, preprocess: Preprocess, *,
@@ -133,12 +136,26 @@ class CalibrationReader:
         """
         size = int(batch_size or self.batch_size)
         digest = hashlib.sha256()
-        for lo in range(0, len(self.indices), size):
-            chunk = self.indices[lo:lo + size]
-            # evaluate_runner does exactly this: dataset.load(i), then preprocess.batch(images).
-            x = self.preprocess.batch([self.dataset.load(i)[0] for i in chunk])
-            digest.update(x.tobytes())
-            yield x
+        bar = None
+        if self.progress:
+            from runtime.progress import Progress
+
+            self._passes += 1
+            label = f"{self.progress} pass {self._passes}" if self._passes > 1 else self.progress
+            bar = Progress(label, len(self.indices))
+            bar.__enter__()
+        try:
+            for lo in range(0, len(self.indices), size):
+                chunk = self.indices[lo:lo + size]
+                # evaluate_runner does exactly this: dataset.load(i), then preprocess.batch(images).
+                x = self.preprocess.batch([self.dataset.load(i)[0] for i in chunk])
+                digest.update(x.tobytes())
+                if bar is not None:
+                    bar.update(len(chunk))
+                yield x
+        finally:
+            if bar is not None:
+                bar.__exit__(None, None, None)
         self._sha256 = digest.hexdigest()
 
     def __iter__(self) -> Iterator[np.ndarray]:

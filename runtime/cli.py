@@ -227,6 +227,7 @@ def cmd_calib(args: argparse.Namespace) -> None:
     reader = CalibrationReader.for_model(args.model, args.data, args.split, format=fmt,
                                          num_images=_calib_images(args, fmt), seed=args.seed,
                                          preprocess=preprocess)
+    reader.progress = f"[calib] {os.path.basename(args.model)}: reading {len(reader.ids)} images"
     if args.budget is not None:
         from calib.sensitivity import accuracy_aware_quantize
         from runtime.data import open_dataset
@@ -473,23 +474,29 @@ def cmd_profile(args: argparse.Namespace) -> None:
             raise BckdError(f"--mode pipeline needs the model's preprocessing, and {args.model} "
                             "has no bckd card; time the network alone (--mode latency)")
         return _profile_pipeline(args, card, protocol)
+    if args.mode == "throughput" and args.telemetry != "none":
+        raise BckdError("--telemetry measures the single-stream window; drop it or use "
+                        "--mode latency")
+    if args.mode == "latency" and args.requests:
+        raise BckdError("--requests applies to --mode throughput")
     x, shapes = _profile_input(args, card)
     extra = {"shapes": shapes} if args.backend == "openvino" else {}
     with _open(args, **extra) as runner:
+        telemetry = None
+        if args.mode == "latency" and args.telemetry != "none":
+            from runtime.telemetry import open_telemetry
+
+            telemetry = open_telemetry(args.telemetry)
+        print(f"[profile] {os.path.basename(args.model)} ({args.backend}): warm-up until the "
+              f"timings settle, then at least {args.iters} calls and {args.min_seconds:g} s (at "
+              f"most {args.max_seconds:g} s)", file=sys.stderr)
         if args.mode == "throughput":
             from runtime.profile import profile_throughput
 
-            if args.telemetry != "none":
-                raise BckdError("--telemetry measures the single-stream window; drop it or use "
-                                "--mode latency")
             stats = profile_throughput(runner, x, requests=args.requests or None, **protocol)
         else:
             from runtime.profile import profile_runner
-            from runtime.telemetry import open_telemetry
 
-            if args.requests:
-                raise BckdError("--requests applies to --mode throughput")
-            telemetry = None if args.telemetry == "none" else open_telemetry(args.telemetry)
             stats = profile_runner(runner, x, telemetry=telemetry, **protocol)
         info = {"backend": runner.backend, "device": runner.device,
                 "precision": runner.precision, "threads": runner.threads}

@@ -205,13 +205,60 @@ def _reader_with_progress() -> type:
     from calib.reader import CalibrationReader
 
     class ProgressReader(CalibrationReader):
-        def batches(self, batch_size: int | None = None):
-            with Progress(f"[calib] reading {self.split} images", len(self.indices)) as bar:
-                for x in super().batches(batch_size):
-                    bar.update(len(x))
-                    yield x
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.progress = f"[calib] reading {self.split} images"
 
     return ProgressReader
+
+
+class StageClock:
+    """Per-stage wall times of a run, and after each stage an estimate of what remains.
+
+    The estimate counts the stages still to come (``plan``: kind -> count) at the mean time of
+    the stages of that kind done so far; a kind not seen yet is left out, and the estimate then
+    says 'at least'. Export + measure of the deployed student (OpenVINO, INT8 rows) takes longer
+    than the others, so until it has run the estimate is low.
+    """
+
+    def __init__(self, log: Log, plan: dict[str, int]) -> None:
+        self.log, self.plan = log, dict(plan)
+        self.start = time.perf_counter()
+        self.times: list[tuple[str, str, float]] = []  # (kind, name, seconds)
+        self._t0 = self.start
+
+    def done(self, kind: str, name: str) -> None:
+        now = time.perf_counter()
+        seconds = now - self._t0
+        self._t0 = now
+        self.times.append((kind, name, seconds))
+        self.plan[kind] = max(self.plan.get(kind, 0) - 1, 0)
+        left, unknown = 0.0, False
+        for k, count in self.plan.items():
+            if not count:
+                continue
+            seen = [t for kk, _, t in self.times if kk == k]
+            if not seen:
+                unknown = True
+                continue
+            left += count * sum(seen) / len(seen)
+        if not any(self.plan.values()):
+            remaining = ""
+        elif unknown and not left:
+            remaining = "; no estimate of what remains until a stage of each kind has run"
+        else:
+            remaining = f"; {'at least' if unknown else 'about'} {_duration(left)} left"
+        self.log(f"[run] {name} done in {_duration(seconds)} ({_duration(now - self.start)} so "
+                 f"far{remaining})")
+
+    def record(self) -> list[dict[str, Any]]:
+        return [{"stage": name, "kind": kind, "seconds": round(t, 1)}
+                for kind, name, t in self.times]
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
@@ -241,6 +288,8 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
     for method in cfg.methods:
         method_names(method, method_kd(method, cfg.kd_options).options, cfg.data.task)
     start = time.perf_counter()
+    clock = StageClock(log, {"data": 0 if cfg.data.root else 1, "teacher": 1,
+                             "student": len(cfg.methods), "measure": len(cfg.methods) + 1})
     with staged_dir(out, force=force) as tmp:
         data_root = Path(cfg.data.root) if cfg.data.root else tmp / "data"
         # Paths recorded in cards are relative to the run folder when they live inside it.
@@ -251,9 +300,11 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
             with Progress("[data] synthesising", s.n_train + s.n_val) as bar:
                 synthesize(data_root, n_train=s.n_train, n_val=s.n_val, size=tuple(s.size),
                            seed=s.seed, progress=bar, task=cfg.data.task)
+            clock.done("data", "data")
         fingerprint = dataset_fingerprint(data_root, (cfg.data.train_split, cfg.data.val_split),
                                           cfg.data.format)
         teacher = teacher_checkpoint(cfg, data_root, fingerprint, log)
+        clock.done("teacher", "teacher")
         checkpoints = {("teacher", "none"): teacher}
         for method in cfg.methods:
             log(f"[student] training {cfg.student.backbone}-{cfg.student.head} "
@@ -264,6 +315,7 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
                           kd=method_kd(method, cfg.kd_options),
                           teacher=teacher, root_label=root_label, log=log)
             checkpoints[("student", method)] = ckpt
+            clock.done("student", f"student '{method}'")
         rows = []
         examples = make_examples(cfg.data.task, example_images) if example_images > 0 else None
         for (role, method), ckpt in checkpoints.items():
@@ -277,6 +329,7 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
             rows.append(measure(onnx_path, data_root, tmp, cfg, examples=examples))
             if role == "student" and method in deployed:
                 rows += deploy_rows(onnx_path, data_root, tmp, cfg, log, examples)
+            clock.done("measure", f"export and measure of {role}/{method}")
         val = open_dataset(data_root, cfg.data.val_split, format=cfg.data.format)
         report = new_report(to_dict(cfg), {
             "name": val.meta.get("name"), "root": root_label,
@@ -285,6 +338,7 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
         report["task"] = get_task(cfg.data.task).name
         report["results"] = rows
         report["wall_seconds"] = round(time.perf_counter() - start, 1)
+        report["stage_seconds"] = clock.record()
         write_report(tmp, report, examples)
     log("")
     log(render_text(report))

@@ -41,7 +41,10 @@ def cmd_run(args: argparse.Namespace) -> None:
                                                                    args.quick)
     if args.cache_dir:
         cfg.cache_dir = args.cache_dir
-    run_pipeline(cfg, args.out, force=args.force)
+    provenance = {"command": " ".join(["bckd", *sys.argv[1:]]) if sys.argv[1:] else "bckd run",
+                  "quick": bool(args.quick), "task": args.task or cfg.data.task,
+                  "config_file": args.config}
+    run_pipeline(cfg, args.out, force=args.force, provenance=provenance)
 
 
 def cmd_synth(args: argparse.Namespace) -> None:

@@ -98,6 +98,9 @@ def teacher_checkpoint(cfg: RunConfig, data_root: Path, fingerprint: str, log: L
 STAGE_IMAGES = 8
 
 
+FPS_METHOD = "batch x 1000 / mean single-stream latency of the network alone"
+
+
 def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
             backend: str = "onnxruntime", examples: MaskExamples | None = None) -> dict[str, Any]:
     """Evaluate and profile one artifact on one backend; returns a report row.
@@ -141,10 +144,13 @@ def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
         "arch": f"{a['backbone']}-{a['head']}-w{a['width']:g}", "backend": backend,
         "precision": precision, "device": device, "threads": threads,
         "input_size": list(pre.size), "task": task.name, **task.row(acc),
-        "latency_ms": {k: round(stats[k], 3) for k in ("p50", "p90", "p99", "mean", "std",
-                                                       "min", "max")},
+        "latency_ms": {k: round(stats[k], 3) for k in ("p50", "p90", "p95", "p99", "mean",
+                                                       "std", "min", "max")},
+        "latency_cv": None if stats.get("cv") is None else round(stats["cv"], 4),
+        "latency_stable": bool(stats.get("stable", True)),
         "latency_histogram": stats["histogram"],
-        "fps": round(stats["fps"], 1), "batch": cfg.profile.batch, "iterations": stats["n"],
+        "fps": round(stats["fps"], 1), "fps_method": FPS_METHOD,
+        "batch": cfg.profile.batch, "iterations": stats["n"],
         "stages_ms": {name: {"p50": round(st.p50_ms, 3), "p90": round(st.p90_ms, 3),
                              "mean": round(st.mean_ms, 3)} for name, st in pipe.stages.items()},
         "size_mb": round(size / 2**20, 3), "params": card.get("params"),
@@ -262,7 +268,8 @@ def _duration(seconds: float) -> str:
 
 
 def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
-                 log: Log = print, example_images: int = EXAMPLE_IMAGES) -> dict[str, Any]:
+                 log: Log = print, example_images: int = EXAMPLE_IMAGES,
+                 provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Synthesise (or open) data, train teacher and students, export, measure, report.
 
     report.html shows the predictions of every model on the first ``example_images`` validation
@@ -339,6 +346,10 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
         report["results"] = rows
         report["wall_seconds"] = round(time.perf_counter() - start, 1)
         report["stage_seconds"] = clock.record()
+        report["provenance"] = {**(provenance or {"command": "run_pipeline (Python API)"}),
+                                "input_size": list(cfg.data.input_size),
+                                "threads": cfg.profile.threads or os.cpu_count(),
+                                "machine": report["host"]}
         write_report(tmp, report, examples)
     log("")
     log(render_text(report))

@@ -3,7 +3,7 @@
 report.html (one self-contained page with the latency, accuracy-vs-latency and example-mask
 figures) is drawn by :mod:`runtime.report_html`.
 
-Schema (``schema_version`` 2; later versions add fields and rows, never rename):
+Schema (``schema_version`` 3; later versions add fields and rows, never rename):
 
 * ``schema``: ``"bckd.report"``; ``schema_version``: int; ``created``: ISO-8601 UTC;
   ``bckd_version``; ``host``: machine, processor, cpu_count, python, system.
@@ -12,7 +12,9 @@ Schema (``schema_version`` 2; later versions add fields and rows, never rename):
   distributions' metadata. Added in version 1; absent from reports written before.
 * ``dataset``: name, root, splits used, classes, fingerprint.
 * ``config``: the full run configuration as plain data.
-* ``wall_seconds``: wall-clock time of the whole run, in seconds (``bckd run`` only).
+* ``wall_seconds``: wall-clock time of the whole run, in seconds (``bckd run`` only);
+  ``stage_seconds``: [{stage, kind, seconds}] of each stage; ``provenance``: the command line,
+  quick or not, task, config file, input size, threads and machine (version 3).
 * ``results``: a list of rows, one per (model, method, backend, precision):
 
   ==============  ==========================================================================
@@ -30,10 +32,15 @@ Schema (``schema_version`` 2; later versions add fields and rows, never rename):
   boundary_iou    boundary IoU (3 px band), in percent
   lhd             local Hausdorff distance to the ground-truth boundaries (r = 5), in pixels
   per_class_iou   {class: IoU in percent, or null when the class is absent}
-  latency_ms      {p50, p90, p99, mean, std, min, max} in milliseconds, batch ``batch``
+  latency_ms      {p50, p90, p95, p99, mean, std, min, max} in milliseconds, batch ``batch``
+                  (p95 since version 3)
   latency_histogram {edges_ms, counts}: every timed call binned over [min, max] (none
                   dropped), the distribution behind ``latency_ms``. Added in version 2.
-  fps             images per second from the mean latency
+  fps             images per second from the mean latency; ``fps_method`` says so. Added in 3.
+  latency_cv      std / mean of the timed calls; ``latency_stable`` false when over the
+                  profiler's threshold (flagged in every table). Added in version 3.
+  speedup_vs_fp32 p50 of the same network's ONNX Runtime FP32 row / this row's p50, and
+  delta_<metric>_vs_fp32 the metric minus that row's (deployed rows only). Added in version 3.
   stages_ms       {preprocess, inference, postprocess, end_to_end: {p50, p90, mean}} in ms:
                   decoded validation images resized and normalised, run, and turned into label
                   maps, each stage timed in the same iterations (means add up, percentiles do
@@ -58,7 +65,7 @@ from runtime import __version__
 from runtime.files import atomic_write_json, atomic_write_text
 
 REPORT_SCHEMA = "bckd.report"
-REPORT_SCHEMA_VERSION = 2
+REPORT_SCHEMA_VERSION = 3
 ROW_REQUIRED = ("model", "method", "backend", "precision", "latency_ms", "fps")
 LATENCY_KEYS = ("p50", "p90", "p99")
 VERSIONED_PACKAGES = ("numpy", "onnx", "onnxruntime", "openvino", "torch", "pillow")
@@ -120,6 +127,37 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+# What each column means; report.md and report.html print it under the table.
+GLOSSARY = (
+    ("mIoU %", "mean intersection over union of the classes on the validation split"),
+    ("bF %", "boundary F-score: precision/recall of predicted vs true class boundaries within "
+             "3 px"),
+    ("LHD px", "local Hausdorff distance between predicted and true boundaries (radius 5), "
+               "lower is better"),
+    ("box AP / mask AP", "COCO AP@[.50:.95] of boxes / masks (pycocotools' protocol), in points"),
+    ("Δ", "the metric minus that of the same network's ONNX Runtime FP32 row, in points"),
+    ("p50 / p95 / p99 ms", "percentiles of single-stream latency of the network alone, batch 1"),
+    ("cv", "std / mean of the timed calls; UNSTABLE when above the profiler's threshold "
+           "(other load, clocks): such a row's latency is not to be trusted"),
+    ("FPS", "batch × 1000 / mean latency, one stream (not a throughput measurement)"),
+    ("speed-up", "p50 of the same network's ONNX Runtime FP32 row / this row's p50"),
+    ("e2e p50 ms", "decoded image to prediction: resize, normalise, network, postprocess"),
+)
+
+
+def glossary_lines() -> list[str]:
+    return [f"- **{name}**: {text}" for name, text in GLOSSARY]
+
+
+def provenance_lines(report: dict[str, Any]) -> list[str]:
+    p = report.get("provenance")
+    if not p:
+        return []
+    size = "x".join(map(str, p.get("input_size") or [])) or "?"
+    return [f"- produced by: `{p.get('command')}`" + (" (quick)" if p.get("quick") else ""),
+            f"- input size {size}, {p.get('threads')} threads"]
+
+
 def _stage(row: dict[str, Any], stage: str, key: str) -> Any:
     """A per-stage figure of a row, or None (rows of schema version 1 have no stages)."""
     return ((row.get("stages_ms") or {}).get(stage) or {}).get(key)
@@ -145,10 +183,21 @@ METRIC_COLUMNS = {
                  ("bF %", "boundary_f", lambda r: r.get("boundary_f")),
                  ("LHD px", "lhd", lambda r: r.get("lhd"))),
 }
+def _stability(row: dict[str, Any]) -> str | None:
+    """The timings' cv, flagged when the profiler called them unstable (rows since v2.1)."""
+    cv = row.get("latency_cv")
+    if cv is None:
+        return None
+    return f"{cv:.3f}" + ("" if row.get("latency_stable", True) else " UNSTABLE")
+
+
 TAIL_COLUMNS = (
     ("p50 ms", "p50", lambda r: r["latency_ms"]["p50"]),
+    ("p95 ms", "p95", lambda r: r["latency_ms"].get("p95")),
     ("p99 ms", "p99", lambda r: r["latency_ms"]["p99"]),
+    ("cv", "cv", _stability),
     ("FPS", "fps", lambda r: r["fps"]),
+    ("speed-up", "speedup", lambda r: r.get("speedup_vs_fp32")),
     ("e2e p50 ms", "e2e_p50", lambda r: _stage(r, "end_to_end", "p50")),
     ("size MiB", "size_mb", lambda r: r.get("size_mb")),
 )
@@ -167,7 +216,26 @@ def metric_columns(task: Any) -> tuple:
 def table_columns(report: dict[str, Any]) -> tuple:
     rows = report["results"]
     task = row_task(rows[0] if rows else {"task": report.get("task")})
-    return HEAD_COLUMNS + metric_columns(task) + TAIL_COLUMNS
+    delta = (f"Δ {task.metric}", "delta", lambda r: r.get(f"delta_{task.metric}_vs_fp32"))
+    return HEAD_COLUMNS + metric_columns(task) + (delta,) + TAIL_COLUMNS
+
+
+def add_fp32_comparisons(rows: list[dict[str, Any]]) -> None:
+    """Each deployed row (another backend or precision) gets ``speedup_vs_fp32`` (p50 of the
+    same network's ONNX Runtime FP32 row / its own p50) and ``delta_<metric>_vs_fp32`` (its
+    metric minus that row's, in points); the FP32 rows themselves get none."""
+    ref = {(r["model"], r["method"]): r for r in rows
+           if r["backend"] == "onnxruntime" and r["precision"] == "fp32"}
+    for row in rows:
+        base = ref.get((row["model"], row["method"]))
+        if base is None or base is row:
+            continue
+        metric = row_task(row).metric
+        p50 = row["latency_ms"]["p50"]
+        if p50:
+            row["speedup_vs_fp32"] = round(base["latency_ms"]["p50"] / p50, 2)
+        if row.get(metric) is not None and base.get(metric) is not None:
+            row[f"delta_{metric}_vs_fp32"] = round(row[metric] - base[metric], 2)
 
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -182,7 +250,12 @@ def render_text(report: dict[str, Any]) -> str:
     header, body = table_rows(report)
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+    text = "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+    unstable = sum(r.get("latency_stable") is False for r in report["results"])
+    if unstable:
+        text += (f"\n{unstable} row(s) have UNSTABLE timings (cv column): rerun on a quiet "
+                 "machine before trusting their latency.")
+    return text
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -200,13 +273,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
     ]
+    lines[4:4] = provenance_lines(report)
     lines += ["| " + " | ".join(b) + " |" for b in body]
+    unstable = [r for r in report["results"] if r.get("latency_stable") is False]
+    if unstable:
+        lines += ["", f"**{len(unstable)} row(s) have UNSTABLE timings** (cv above the "
+                  "threshold): their latency, FPS and speed-up are not to be trusted; rerun on "
+                  "a quiet machine."]
     lines += ["", "mIoU in percent on the validation split; latency is single-stream, batch 1, "
               "with the thread count recorded per row in report.json. p50/p99 time the network "
               "alone; e2e p50 is decoded image to label map (resize, normalise, network, argmax; "
               "each stage in report.json's stages_ms).",
               "Latency distributions, accuracy against latency and example masks: "
-              "[report.html](report.html).", ""]
+              "[report.html](report.html).", "", "What the columns mean:", ""]
+    lines += glossary_lines() + [""]
     return "\n".join(lines)
 
 
@@ -220,6 +300,7 @@ def write_report(out_dir: str | os.PathLike, report: dict[str, Any],
 
     for row in report["results"]:
         validate_row(row)
+    add_fp32_comparisons(report["results"])
     out_dir = Path(out_dir)
     return (atomic_write_json(out_dir / "report.json", report),
             atomic_write_text(out_dir / "report.md", render_markdown(report)),

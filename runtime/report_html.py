@@ -586,6 +586,7 @@ img.det-image{width:192px;height:auto;display:block}
 .cap{font-size:11px;color:#555}
 .sw{display:inline-block;width:10px;height:10px;border:1px solid #999}
 .note{color:#666}
+.warn{color:#b00;font-weight:bold}
 """
 
 
@@ -602,6 +603,12 @@ def _summary(report: dict[str, Any]) -> str:
                     f"{data.get('val_images')} images, {len(data.get('classes') or [])} classes"),
         ("wall time", "-" if wall is None else f"{wall:.0f} s"),
     ]
+    prov = report.get("provenance") or {}
+    if prov:
+        size = "x".join(map(str, prov.get("input_size") or [])) or "?"
+        items.insert(0, ("produced by", f"{prov.get('command')}"
+                         + (" (quick)" if prov.get("quick") else "")
+                         + f"; input {size}, {prov.get('threads')} threads"))
     rows = "".join(f"<dt>{k}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items)
     return f'<dl class="summary">{rows}</dl>'
 
@@ -614,6 +621,17 @@ def _results_table(report: dict[str, Any]) -> str:
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
                    for cells in body)
     return f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+def _glossary(report: dict[str, Any]) -> str:
+    from runtime.report import GLOSSARY
+
+    unstable = [r for r in report["results"] if r.get("latency_stable") is False]
+    warn = (f'<p class="warn">{len(unstable)} row(s) have UNSTABLE timings (cv above the '
+            "threshold): their latency, FPS and speed-up are not to be trusted.</p>"
+            if unstable else "")
+    items = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in GLOSSARY)
+    return warn + f'<dl class="summary">{items}</dl>'
 
 
 def _metric_note(report: dict[str, Any]) -> str:
@@ -632,7 +650,7 @@ def render_html(report: dict[str, Any], examples: MaskExamples | None = None) ->
         "<h1>bckd report</h1>", _summary(report),
         "<h2>Results</h2>", _results_table(report),
         f'<p class="note">{_metric_note(report)}; latency single-stream, '
-        "threads per row in report.json.</p>",
+        "threads per row in report.json.</p>", _glossary(report),
         "<h2>Latency per backend and precision</h2>", latency_svg(rows),
         '<p class="note">Whiskers: min to max; box: p50 (black) to p90; red tick: p99; '
         "dot and line below: mean ± std.</p>",

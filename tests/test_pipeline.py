@@ -20,7 +20,7 @@ def quick_run(tmp_path_factory):
 def test_report_schema_and_rows(quick_run):
     out, _ = quick_run
     report = json.loads((out / "report.json").read_text())
-    assert report["schema"] == "bckd.report" and report["schema_version"] == 2
+    assert report["schema"] == "bckd.report" and report["schema_version"] == 3
     rows = report["results"]
     ov = importlib.util.find_spec("openvino") is not None
     expected = [("teacher", "none", "onnxruntime", "fp32"), ("student", "none", "onnxruntime", "fp32"),
@@ -49,6 +49,21 @@ def test_report_schema_and_rows(quick_run):
     assert teacher["params"] > student["params"]
     md = (out / "report.md").read_text()
     assert "e2e p50 ms" in md and "| teacher | none |" in md and "| student | kd |" in md and "| student | bckd |" in md
+    # deployed rows compare with their ONNX Runtime FP32 row; every row states its stability
+    bckd_fp32 = rows[3]
+    for row in rows[4:]:
+        assert row["speedup_vs_fp32"] == pytest.approx(
+            bckd_fp32["latency_ms"]["p50"] / row["latency_ms"]["p50"], abs=0.01)
+        assert row["delta_miou_vs_fp32"] == pytest.approx(row["miou"] - bckd_fp32["miou"],
+                                                          abs=0.011)
+    assert all("speedup_vs_fp32" not in r for r in rows[:4])
+    assert all(r["latency_ms"]["p50"] <= r["latency_ms"]["p95"] <= r["latency_ms"]["p99"]
+               and isinstance(r["latency_stable"], bool) and r["latency_cv"] >= 0 for r in rows)
+    prov = report["provenance"]
+    assert prov["quick"] and prov["command"].startswith("bckd") and prov["input_size"]
+    assert [s["kind"] for s in report["stage_seconds"]].count("student") == 3
+    assert "Δ miou" in md and "speed-up" in md and "p95 ms" in md and "produced by" in md
+    assert "**LHD px**" in md
     # the distilled students are exactly the plain student: adapters never reach the artifact
     assert rows[1]["params"] == rows[2]["params"] == rows[3]["params"]
 
@@ -100,7 +115,7 @@ def test_stage_commands_on_run_outputs(quick_run, tmp_path, capsys):
     assert main(["export", str(ckpt), "--out", str(static), "--static"]) == 0
     capsys.readouterr()
     assert main(["profile", str(static), "--size", "48", "--iters", "2"]) == 1
-    assert "does not match" in capsys.readouterr().err
+    assert "does not fit the static input" in capsys.readouterr().err
 
 
 def test_distill_resume_continues_from_state(quick_run, tmp_path):

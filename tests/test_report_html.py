@@ -205,7 +205,7 @@ def test_write_report_writes_html_and_valid_json(tmp_path):
     paths = write_report(tmp_path, report, make_examples(k=2))
     assert [p.name for p in paths] == ["report.json", "report.md", "report.html"]
     data = json.loads((tmp_path / "report.json").read_text())
-    assert data["schema"] == "bckd.report" and data["schema_version"] == 2
+    assert data["schema"] == "bckd.report" and data["schema_version"] == 3
     assert "numpy" in data["versions"] and data["versions"]["numpy"]
     for row in data["results"]:
         validate_row(row)

@@ -388,6 +388,30 @@ def quantize_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, reader: 
                          activations=activations)
 
 
+# Which runtimes each Q/DQ activation form is fast (or valid) on; recorded in the card.
+INTENDED_FOR = {"uint8": ["onnxruntime on x86 CPUs (U8S8 kernels)"],
+                "int8": ["tensorrt", "openvino", "onnxruntime on ARM and GPUs"]}
+
+
+def quantize_onnx_forms(onnx_path: str | os.PathLike, outs: dict[str, str | os.PathLike],
+                        reader: CalibrationReader, *, method: str = "minmax",
+                        force: bool = False) -> dict[str, dict[str, Any]]:
+    """One calibration, one Q/DQ ONNX per activation form in ``outs`` ({'uint8': path,
+    'int8': path}): U8S8 for ONNX Runtime on x86, symmetric S8S8 for TensorRT and OpenVINO.
+    Returns the cards by form; each records the runtimes its form is for."""
+    for out in outs.values():
+        refuse_existing(Path(out), "INT8 ONNX file", force)
+    for form in outs:
+        check_activations(form)
+    base = source_card(onnx_path, reader)
+    cards = {}
+    with calibrate(onnx_path, reader, method=method, keep_tail=keeps_float_tail(base)) as cal:
+        for form, out in outs.items():
+            cards[form] = write_qdq(cal, Path(out), base, onnx_path, reader, (),
+                                    activations=form)
+    return cards
+
+
 def write_qdq(cal: Calibration, out: Path, base: dict[str, Any], onnx_path: str | os.PathLike,
               reader: CalibrationReader, nodes_to_exclude: Sequence[str],
               extra: dict[str, Any] | None = None, activations: str = "int8") -> dict[str, Any]:
@@ -414,6 +438,7 @@ def qdq_description(excluded: Sequence[str], info: dict[str, Any],
                         "granularity": "per-tensor"},
         "weights": {"dtype": "int8", "symmetric": True, "granularity": "per-channel"},
         "bias": "float", "excluded_nodes": list(excluded),
+        "intended_for": INTENDED_FOR[activations],
         "float_tail": info.get("float_tail"),
         "graph_optimized": info.get("graph_optimized"),
     }

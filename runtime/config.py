@@ -128,7 +128,9 @@ class DeployConfig:
     ``calib_images`` images of the training split, run by ONNX Runtime and by OpenVINO (``int8``).
     ``openvino_int8`` picks OpenVINO's INT8 model: the same Q/DQ ONNX (``qdq``) or an IR quantized
     by NNCF on the same images (``nncf``; the detectors' default: 0.70x of f32 latency where the
-    Q/DQ ONNX gave 0.83x, see README).
+    Q/DQ ONNX gave 0.83x, see README). ``ort_int8_activations`` is the ONNX Runtime row's Q/DQ
+    form: U8S8 by default (x86's fast kernels; symmetric S8S8 ran 1.6x slower than FP32 there),
+    while the symmetric file stays the one for TensorRT and OpenVINO.
     """
 
     openvino: bool = True
@@ -137,11 +139,17 @@ class DeployConfig:
     calib_method: str = "percentile"
     calib_images: int = 300
     openvino_int8: str = "qdq"
+    # The activation form of the ONNX Runtime INT8 row: uint8 (U8S8, x86's fast kernels) or
+    # int8 (symmetric, the form TensorRT and OpenVINO take; always written for them too).
+    ort_int8_activations: str = "uint8"
 
     def __post_init__(self) -> None:
         if self.openvino_int8 not in ("qdq", "nncf"):
             raise BckdError(f"deploy.openvino_int8 is '{self.openvino_int8}'; expected 'qdq' or "
                             "'nncf'")
+        if self.ort_int8_activations not in ("uint8", "int8"):
+            raise BckdError(f"deploy.ort_int8_activations is '{self.ort_int8_activations}'; "
+                            "expected 'uint8' (U8S8, x86) or 'int8' (symmetric)")
 
 
 @dataclass

@@ -168,7 +168,7 @@ def deploy_rows(onnx_path: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
     """OpenVINO FP32, and INT8 (calibrated on the train split) on ONNX Runtime and OpenVINO."""
     import importlib.util
 
-    from calib.quantize import quantize_onnx
+    from calib.quantize import quantize_onnx_forms
     from runtime.card import read_card
 
     rows = []
@@ -192,8 +192,12 @@ def deploy_rows(onnx_path: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
         reader = _reader_with_progress().for_model(onnx_path, data_root, cfg.data.train_split,
                                                    format=cfg.data.format,
                                                    num_images=cfg.deploy.calib_images)
-        quantize_onnx(onnx_path, int8, reader, method=cfg.deploy.calib_method)
-        rows.append(measure(int8, data_root, run_dir, cfg, examples=examples))
+        forms = {"int8": int8}  # symmetric: TensorRT's and OpenVINO's form
+        if cfg.deploy.ort_int8_activations == "uint8":
+            forms["uint8"] = int8.with_name(onnx_path.stem + ".int8-u8s8.onnx")
+        quantize_onnx_forms(onnx_path, forms, reader, method=cfg.deploy.calib_method)
+        ort = forms.get("uint8", int8)
+        rows.append(measure(ort, data_root, run_dir, cfg, examples=examples))
         if cfg.deploy.openvino and has_openvino and cfg.deploy.openvino_int8 == "nncf":
             from calib.nncf_ptq import quantize_openvino
 

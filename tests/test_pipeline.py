@@ -45,6 +45,13 @@ def test_report_schema_and_rows(quick_run):
         assert (out / row["artifact"]).is_file()
     int8 = read_card(out / rows[len(expected) - 1]["artifact"])
     assert int8["calibration"]["split"] == "train" and int8["precision"] == "int8"
+    # ONNX Runtime's row runs the U8S8 form (x86), OpenVINO's the symmetric one; one calibration
+    ort8 = read_card(out / rows[5 if ov else 4]["artifact"])
+    assert ort8["quantization"]["activations"]["dtype"] == "uint8"
+    assert "x86" in ort8["quantization"]["intended_for"][0]
+    assert int8["quantization"]["activations"]["dtype"] == "int8"
+    assert "tensorrt" in int8["quantization"]["intended_for"]
+    assert ort8["calibration"]["sha256"] == int8["calibration"]["sha256"]
     teacher, student = rows[0], rows[1]
     assert teacher["params"] > student["params"]
     md = (out / "report.md").read_text()

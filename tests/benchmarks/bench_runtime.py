@@ -17,6 +17,12 @@ Run on an idle machine: ::
 
     python tests/benchmarks/bench_runtime.py --model runs/default/openvino/student-bckd.xml
 
+A model bckd did not make (issue 12): ``--third-party DIR`` writes a plain conv stack with
+onnx.helper (dynamic N, H, W; two outputs; no card), converts it with ``bckd export`` and measures
+that IR at ``--size`` (bckd profile compiles it static, benchmark_app gets the same ``-shape``)::
+
+    python tests/benchmarks/bench_runtime.py --third-party /tmp/third --size 224x224
+
 Prints one JSON object.
 """
 from __future__ import annotations
@@ -37,21 +43,35 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from runtime.backends import open_runner  # noqa: E402
-from runtime.card import read_card  # noqa: E402
+from runtime.card import read_card_or_none  # noqa: E402
 from runtime.profile import WarmupPolicy, profile_latency, profile_runner  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="OpenVINO IR (.xml) with its card")
+    ap.add_argument("--model", help="OpenVINO IR (.xml), with its card or with --size")
+    ap.add_argument("--third-party", metavar="DIR",
+                    help="write and convert a third-party style model there, and measure it")
+    ap.add_argument("--size", help="HxW of a model without a bckd card")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--precision", default="f32")
+    ap.add_argument("--precision", default="fp32")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     ap.add_argument("--calls", type=int, default=100, help="calls per overhead block")
     ap.add_argument("--blocks", type=int, default=30, help="overhead block pairs")
     args = ap.parse_args()
-    size = read_card(args.model)["preprocess"]["size"]
+    if args.third_party:
+        args.model = str(third_party_ir(Path(args.third_party)))
+    if not args.model:
+        sys.exit("give --model IR or --third-party DIR")
+    card = read_card_or_none(args.model) or {}
+    bare = "preprocess" not in card
+    if bare and not args.size:
+        sys.exit(f"{args.model} has no bckd card: give --size HxW")
+    size = ([int(v) for v in args.size.lower().split("x")] if args.size
+            else card["preprocess"]["size"])
+    args.size_flag = ["--size", f"{size[0]}x{size[1]}"] if bare or args.size else []
+    args.bare = bare
     x = np.random.default_rng(0).standard_normal((1, 3, *size), dtype=np.float32)
     ours, theirs = [], []
     for r in range(args.rounds):
@@ -67,7 +87,8 @@ def main() -> None:
     ratio = statistics.median(ratios)
     overhead = profiler_overhead(args, x, calls=args.calls, blocks=args.blocks)
     print(json.dumps({
-        "model": args.model, "threads": args.threads, "precision": args.precision,
+        "model": args.model, "bare": bare, "size": size, "threads": args.threads,
+        "precision": args.precision,
         "seconds_per_measurement": args.seconds,
         "bckd_profile_p50_ms": ours, "benchmark_app_median_ms": theirs,
         "per_round_ratio": [round(q, 4) for q in ratios],
@@ -82,7 +103,7 @@ def bckd_profile_p50(args) -> float:
     cmd = [sys.executable, "-m", "runtime.cli", "profile", args.model, "--backend", "openvino",
            "--precision", args.precision, "--hint", "latency", "--threads", str(args.threads),
            "--iters", "100", "--min-seconds", str(args.seconds),
-           "--max-seconds", str(10 * args.seconds), "--json"]
+           "--max-seconds", str(10 * args.seconds), "--json", *args.size_flag]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     if proc.returncode != 0:
         sys.exit(f"bckd profile failed ({proc.returncode}): {proc.stderr[-800:]}")
@@ -95,9 +116,13 @@ def benchmark_app_p50(args, size) -> float:
     app = shutil.which("benchmark_app") or str(Path(sys.executable).parent / "benchmark_app")
     # -nthreads needs -hint none in benchmark_app's UI; the compiled model then reports
     # PERFORMANCE_HINT LATENCY and NUM_STREAMS 1, as bckd's latency hint gives.
+    # A dynamic model is reshaped static (-shape), as bckd profile compiles it; a bckd IR keeps
+    # its dynamic dims and gets only the data shape, as bckd profile runs it.
+    shape_flag = "-shape" if args.bare else "-data_shape"
+    precision = {"fp32": "f32", "fp16": "f16"}.get(args.precision, args.precision)
     cmd = [app, "-m", args.model, "-d", "CPU", "-hint", "none", "-nstreams", "1", "-nireq",
            "1", "-api", "sync", "-nthreads", str(args.threads), "-infer_precision",
-           args.precision, "-data_shape", f"[1,3,{size[0]},{size[1]}]",
+           precision, shape_flag, f"[1,3,{size[0]},{size[1]}]",
            "-t", str(max(1, round(args.seconds)))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     found = re.search(r"Median:\s+([\d.]+) ms", proc.stdout)
@@ -106,12 +131,58 @@ def benchmark_app_p50(args, size) -> float:
     return float(found.group(1))
 
 
+def _named(model: str, options: dict) -> dict:
+    """The runner's shapes keyed by the model's input name."""
+    if not options:
+        return {}
+    from runtime.bare import graph_io
+
+    name = graph_io(model)[0][0].name
+    return {"shapes": {name: options["shapes"][""]}}
+
+
+def third_party_ir(folder: Path) -> Path:
+    """A plain conv stack (3-32-64-64-32-8, 3x3, ReLU; dynamic N, H, W; logits and a pooled
+    vector out) written with onnx.helper, with no card, then converted by ``bckd export``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder.mkdir(parents=True, exist_ok=True)
+    xml = folder / "third.xml"
+    if xml.is_file():
+        return xml
+    rng = np.random.default_rng(0)
+    chans, nodes, weights, prev = [3, 32, 64, 64, 32, 8], [], [], "image"
+    for i, (a, b) in enumerate(zip(chans, chans[1:])):
+        w = (rng.standard_normal((b, a, 3, 3)) * (2 / (9 * a)) ** 0.5).astype(np.float32)
+        weights += [numpy_helper.from_array(w, f"w{i}"),
+                    numpy_helper.from_array(np.zeros(b, np.float32), f"b{i}")]
+        out = "logits" if i == len(chans) - 2 else f"c{i}"
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [out], pads=[1] * 4))
+        if out != "logits":
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"]))
+            prev = f"r{i}"
+    nodes.append(helper.make_node("GlobalAveragePool", ["r3"], ["pooled"]))
+    graph = helper.make_graph(
+        nodes, "third_party",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 8, "H", "W"]),
+         helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", 32, 1, 1])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(folder / "third.onnx"))
+    subprocess.run([sys.executable, "-m", "runtime.cli", "export", str(folder / "third.onnx"),
+                    "--out", str(xml)], check=True, cwd=ROOT)
+    return xml
+
+
 def profiler_overhead(args, x: np.ndarray, calls: int, blocks: int) -> dict:
     """(a) profile_runner vs a bare loop over the same runner, in alternating blocks;
     (b) the profiler's bookkeeping per call, on a no-op."""
     bare, profiled = [], []
+    shapes = {"shapes": {"": x.shape}} if args.bare else {}
     with open_runner("openvino", args.model, threads=args.threads, precision=args.precision,
-                     hint="latency") as runner:
+                     hint="latency", **_named(args.model, shapes)) as runner:
         for _ in range(50):
             runner.infer(x, check=False)
         for _ in range(blocks):

@@ -127,7 +127,7 @@ def test_voc_errors(tmp_path: Path) -> None:
     with pytest.raises(BckdError, match=r"no mask for 'b': .*SegmentationClass[/\\]b\.png not found \(1 of 2"):
         open_dataset(tmp_path, "train", format="voc")
     with pytest.raises(BckdError, match=r"not laid out in the 'voc' format: expected .*VOC2012[/\\]JPEGImages.*"
-                                        r"\(ade20k, cityscapes, coco, cocostuff10k, folder, voc\)"):
+                                        r"\(ade20k, cityscapes, coco, cocostuff10k, folder, images, voc\)"):
         open_dataset(tmp_path / "VOCdevkit" / "VOC2012" / "ImageSets", "train", format="voc")
 
 

@@ -45,6 +45,10 @@ extracted from the backbone", λ1 = 10, λ2 = 50 "as in segmentation", and no FP
   larger than 32 × 64 px); smaller maps shrink it, as in segmentation. The paper's detection schedule
   (AdamW, layer-wise decay, drop path) is stripped, so the trainer's optimiser settings apply.
   Head-level terms are not part of the paper; ``bckd+ld`` or ``bckd+kd`` adds them through '+'.
+* the built-in detect run (``runtime.config.DETECT_BCKD``) overrides two of these defaults, chosen
+  over 3 seeds among 9 variants and read on a held-out split (docs/detection.md): the
+  parameter-free teacher side (``teacher_adapters: free``, method.md §2.9 option 2) and
+  λ1 = 2, λ2 = 1.
 """
 from __future__ import annotations
 

@@ -334,8 +334,8 @@ def source_card(onnx_path: str | os.PathLike, reader: CalibrationReader) -> dict
     card = read_card_or_none(onnx_path)
     if is_bare(card):  # a model bckd did not make: its I/O and the preprocessing calibrated with
         made = bare_card(onnx_path, *graph_io(onnx_path), preprocess=reader.preprocess.to_dict())
-        return {**(card or {}), **{k: v for k, v in made.items() if k not in (card or {})},
-                "preprocess": made["preprocess"], "input_size": made["input_size"]}
+        return {**made, **(card or {}), "preprocess": made["preprocess"],
+                "input_size": made["input_size"]}
     expected = Preprocess.from_dict(card["preprocess"])
     if expected != reader.preprocess:
         raise BckdError(

@@ -144,6 +144,8 @@ class CalibrationReader:
             label = f"{self.progress} pass {self._passes}" if self._passes > 1 else self.progress
             bar = Progress(label, len(self.indices))
             bar.__enter__()
+        # Not a with block: a consumer that stops early (NNCF takes its subset and drops the
+        # generator) ends the pass with GeneratorExit, and the bar's final line must still print.
         try:
             for lo in range(0, len(self.indices), size):
                 chunk = self.indices[lo:lo + size]

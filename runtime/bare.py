@@ -27,7 +27,6 @@ from runtime.backends.base import InputSpec
 from runtime.errors import BckdError
 
 LAYOUTS = ("NCHW", "NHWC")
-_LETTERS = {"NCHW": "NCHW", "NHWC": "NHWC"}
 
 
 def graph_io(path: str | os.PathLike) -> tuple[list[InputSpec], list[str]]:
@@ -127,7 +126,7 @@ def layout_of(spec: InputSpec, override: str | None = None) -> str | None:
 
 def render(spec: InputSpec, layout: str | None = None) -> str:
     """The input's shape with dynamic dims as letters of its layout, e.g. '(N, 3, H, W)'."""
-    letters = _LETTERS.get(layout or layout_of(spec) or "", "")
+    letters = layout or layout_of(spec) or ""  # a layout's name spells its dims
     dims = [str(d) if d is not None else (letters[i] if i < len(letters) else "?")
             for i, d in enumerate(spec.shape)]
     return "(" + ", ".join(dims) + ")"

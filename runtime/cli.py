@@ -223,8 +223,10 @@ def cmd_calib(args: argparse.Namespace) -> None:
     refuse_existing(args.out, "INT8 output", args.force)
     if str(args.out).endswith(".xml"):
         refuse_existing(os.path.splitext(args.out)[0] + ".bin", "INT8 IR weights", args.force)
+    from runtime.card import read_card_or_none
+
     check_model_file(args.model)
-    card = _card_or_none(args.model)
+    card = read_card_or_none(args.model)
     preprocess = _bare_preprocess(args, card)  # the model's problems before the data's
     fmt = args.format or _calib_format(args, card)
     reader = CalibrationReader.for_model(args.model, args.data, args.split, format=fmt,
@@ -342,8 +344,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from runtime.tasks import get_task
 
     _refuse_out(args)
-    card = _card_or_none(args.model)
-    card = _bare_eval_card(args, card) if _is_bare(card) else card
+    from runtime.bare import is_bare
+    from runtime.card import read_card_or_none
+
+    card = read_card_or_none(args.model)
+    card = _bare_eval_card(args, card) if is_bare(card) else card
     if args.classes and not card.get("bare"):
         raise BckdError(f"{args.model}'s card names its classes; drop --classes")
     task = get_task(card)
@@ -369,12 +374,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
                            "precision": runner.precision, "device": runner.device,
                            "threads": runner.threads, "images": len(data), **result},
                 args.force, args, _eval_text)
-
-
-def _is_bare(card: dict | None) -> bool:
-    from runtime.bare import is_bare
-
-    return is_bare(card)
 
 
 def _bare_eval_card(args: argparse.Namespace, card: dict | None) -> dict:
@@ -465,8 +464,9 @@ def cmd_profile(args: argparse.Namespace) -> None:
     if args.backend == "trtexec":
         return _profile_trtexec(args)
     from runtime.bare import is_bare
+    from runtime.card import read_card_or_none
 
-    card = _card_or_none(args.model)
+    card = read_card_or_none(args.model)
     protocol = dict(warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds,
                     max_seconds=args.max_seconds, cv_threshold=args.cv_threshold)
     if (args.mode == "pipeline") != bool(args.data):
@@ -482,9 +482,12 @@ def cmd_profile(args: argparse.Namespace) -> None:
                         "--mode latency")
     if args.mode == "latency" and args.requests:
         raise BckdError("--requests applies to --mode throughput")
-    x, shapes = _profile_input(args, card)
+    specs = _graph_inputs(args.model)
+    x, shapes = _profile_input(args, card, specs) if specs else (None, {})
     extra = {"shapes": shapes} if args.backend == "openvino" else {}
     with _open(args, **extra) as runner:
+        if x is None:  # a TensorRT engine: its runner knows the inputs
+            x, shapes = _profile_input(args, card, runner.input_specs)
         telemetry = None
         if args.mode == "latency" and args.telemetry != "none":
             from runtime.telemetry import open_telemetry
@@ -512,24 +515,21 @@ def cmd_profile(args: argparse.Namespace) -> None:
                            "latency_ms": result}, args.force, args, _profile_text)
 
 
-def _card_or_none(model: str) -> dict | None:
-    """The model's card (sidecar or embedded), or None for a model bckd did not make."""
-    from runtime.card import read_card_or_none
+def _graph_inputs(model: str) -> list | None:
+    """The inputs of an ONNX file or IR read from its graph (None for other artifacts)."""
+    from runtime.bare import graph_io
 
-    return read_card_or_none(model)
+    if os.path.splitext(model)[1].lower() in (".onnx", ".xml"):
+        return graph_io(model)[0]
+    return None
 
 
-def _profile_input(args: argparse.Namespace, card: dict | None) -> tuple[Any, dict]:
+def _profile_input(args: argparse.Namespace, card: dict | None, specs: list) -> tuple[Any, dict]:
     """The timed input (one array, or a dict for several inputs) and its shapes by name: the
-    graph's inputs with dynamic dims from --shape, --size (else the card's size) and --batch."""
-    from runtime.bare import graph_io, is_bare, parse_shapes, random_feed, resolve_shapes
+    inputs with dynamic dims from --shape, --size (else the card's size) and --batch."""
+    from runtime.bare import is_bare, parse_shapes, random_feed, resolve_shapes
 
     size = args.size or (tuple(card["preprocess"]["size"]) if not is_bare(card) else None)
-    if os.path.splitext(args.model)[1].lower() in (".onnx", ".xml"):
-        specs, _ = graph_io(args.model)
-    else:  # a TensorRT engine: its runner knows the input
-        with _open(args) as runner:
-            specs = runner.input_specs
     shapes = resolve_shapes(specs, args.model, shapes=parse_shapes(args.shape), size=size,
                             batch=args.batch, layout=args.layout)
     feed = random_feed(specs, shapes)

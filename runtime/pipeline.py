@@ -169,6 +169,7 @@ def deploy_rows(onnx_path: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
     import importlib.util
 
     from calib.quantize import quantize_onnx_forms
+    from calib.reader import CalibrationReader
     from runtime.card import read_card
 
     rows = []
@@ -189,9 +190,10 @@ def deploy_rows(onnx_path: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
         int8 = run_dir / "int8" / (onnx_path.stem + ".int8.onnx")
         log(f"[calib] {onnx_path.name}: INT8 Q/DQ, {cfg.deploy.calib_method} on "
             f"{cfg.deploy.calib_images} '{cfg.data.train_split}' images")
-        reader = _reader_with_progress().for_model(onnx_path, data_root, cfg.data.train_split,
-                                                   format=cfg.data.format,
-                                                   num_images=cfg.deploy.calib_images)
+        reader = CalibrationReader.for_model(onnx_path, data_root, cfg.data.train_split,
+                                             format=cfg.data.format,
+                                             num_images=cfg.deploy.calib_images)
+        reader.progress = f"[calib] reading {reader.split} images"
         forms = {"int8": int8}  # symmetric: TensorRT's and OpenVINO's form
         if cfg.deploy.ort_int8_activations == "uint8":
             forms["uint8"] = int8.with_name(onnx_path.stem + ".int8-u8s8.onnx")
@@ -208,18 +210,6 @@ def deploy_rows(onnx_path: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
         elif cfg.deploy.openvino and has_openvino:
             rows.append(measure(int8, data_root, run_dir, cfg, "openvino", examples))
     return rows
-
-
-def _reader_with_progress() -> type:
-    """A calibration reader that shows a progress bar over each pass through its images."""
-    from calib.reader import CalibrationReader
-
-    class ProgressReader(CalibrationReader):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.progress = f"[calib] reading {self.split} images"
-
-    return ProgressReader
 
 
 class StageClock:

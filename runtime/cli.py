@@ -44,7 +44,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     provenance = {"command": " ".join(["bckd", *sys.argv[1:]]) if sys.argv[1:] else "bckd run",
                   "quick": bool(args.quick), "task": args.task or cfg.data.task,
                   "config_file": args.config}
-    run_pipeline(cfg, args.out, force=args.force, provenance=provenance)
+    run_pipeline(cfg, args.out, force=args.force, provenance=provenance, target=args.target,
+                 remote_timeout=args.remote_timeout or 3600.0)
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -674,6 +675,10 @@ EXAMPLES = {
                  "bckd eval student.engine --data data/ --save-predictions preds/ --json\n"
                  "bckd eval theirs.onnx --data data/ --task semantic --size 128",
     "bckd score": "bckd score preds/ --data data/",
+    "bckd target": "bckd target add orin ssh://me@orin.local --python /usr/bin/python3\n"
+                   "bckd target check orin --install\n"
+                   "bckd profile student.onnx --target orin --backend onnxruntime\n"
+                   "bckd run --quick --target orin --out runs/orin",
     "bckd profile": "bckd profile student.xml --threads 2\n"
                     "bckd profile theirs.onnx --shape input:1x3x224x224\n"
                     "bckd profile student.engine --telemetry auto    # power on a Jetson",
@@ -720,6 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or instance segmentation (GFL + prototype masks)")
     p.add_argument("--cache-dir", help="teacher cache (default $BCKD_CACHE or ~/.cache/bckd)")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    _add_target_args(p)
     p.set_defaults(func=cmd_run)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(
@@ -805,6 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib-images", type=int, default=300)
     g.add_argument("--calib-cache", help="calibration cache file (reused if present)")
     g.add_argument("--calib-algorithm", default="entropy", choices=["entropy", "minmax"])
+    _add_target_args(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("calib", help="INT8 calibration: Q/DQ ONNX (ONNX Runtime) or OpenVINO IR "
@@ -845,6 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(their INT8 kernels round differently)")
     _add_bare_preprocess_args(p)
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    _add_target_args(p)
     p.set_defaults(func=cmd_calib)
 
     p = sub.add_parser("eval", help="mIoU of an artifact over a dataset split")
@@ -862,6 +870,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", type=lambda t: t.split(","), help="its class names, "
                    "comma-separated, checked against the dataset's (default: the dataset's)")
     _add_bare_preprocess_args(p)
+    _add_target_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("score", help="metrics of predictions saved by 'bckd eval "
@@ -901,8 +910,73 @@ def build_parser() -> argparse.ArgumentParser:
                    help="power/energy over the timed window (default none)")
     p.add_argument("--trtexec", help="trtexec path for --backend trtexec (default: PATH, then "
                    "JetPack's location)")
+    _add_target_args(p)
     p.set_defaults(func=cmd_profile)
+    _add_target_parsers(sub)
     return parser
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("remote target")
+    g.add_argument("--target", metavar="NAME", help="run this on a board added with 'bckd target "
+                   "add' (over ssh): the artifact and data are copied there by content hash, "
+                   "the outputs brought back")
+    g.add_argument("--remote-timeout", type=float, metavar="S",
+                   help="stop the command on the board after S seconds (default 3600)")
+
+
+def _add_target_parsers(sub: Any) -> None:
+    p = sub.add_parser("target", help="remote boards to run stages on (ssh)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION",
+                               parser_class=_Parser)
+    a = actions.add_parser("add", help="store a target (no secrets: ssh keys authenticate)")
+    a.add_argument("name", help="a short name, e.g. orin")
+    a.add_argument("url", help="ssh://user@host[:port]")
+    a.add_argument("--python", help="Python on the board (default python3)")
+    a.add_argument("--workdir", help="where bckd keeps its files on the board (default ~/.bckd)")
+    a.add_argument("--identity", help="ssh private key file (default: your ssh config and agent)")
+    a.add_argument("--known-hosts", help="known_hosts file to check the board's key against "
+                   "(default: ssh's own)")
+    a.add_argument("--accept-new-host-key", action="store_true", help="accept the board's key "
+                   "on first contact (a key that changed is still refused)")
+    a.add_argument("--ssh-option", action="append", metavar="KEY=VALUE",
+                   help="an extra ssh -o option (repeat)")
+    a.add_argument("--force", action="store_true", help="replace a target of the same name")
+    c = actions.add_parser("check", help="what the board has: bckd, Python, runtimes, GPU, "
+                           "JetPack")
+    c.add_argument("name")
+    c.add_argument("--install", action="store_true", help="install or update this host's "
+                   "torch-free bckd there (a wheel built here; the board needs no internet)")
+    c.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    ls = actions.add_parser("list", help="the stored targets")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    r = actions.add_parser("remove", help="forget a target (the board is not touched)")
+    r.add_argument("name")
+    for q in (a, c, ls, r):
+        q.set_defaults(func=_cmd_target)
+
+    m = sub.add_parser("measure", help="(used by 'bckd run --target') evaluate, profile and "
+                       "deploy one exported model as bckd run does, here")
+    m.add_argument("model", nargs="+", help="ONNX files with their cards")
+    m.add_argument("--data", required=True, help="dataset root")
+    m.add_argument("--config-json", required=True, help="the run's config as JSON")
+    m.add_argument("--out", required=True, help="run folder to write rows.json and artifacts in")
+    m.add_argument("--deploy", nargs="+", metavar="NAME",
+                   help="file names of the models to also deploy (OpenVINO and INT8 rows)")
+    m.add_argument("--examples", type=int, default=0, help="example predictions kept")
+    m.set_defaults(func=_cmd_measure)
+
+
+def _cmd_target(args: argparse.Namespace) -> None:
+    from runtime.remote.stages import cmd_target
+
+    cmd_target(args)
+
+
+def _cmd_measure(args: argparse.Namespace) -> None:
+    from runtime.remote.run import cmd_measure
+
+    cmd_measure(args)
 
 
 def _add_shape_args(p: argparse.ArgumentParser) -> None:
@@ -954,13 +1028,18 @@ def runtime_for(artifact: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(tokens)
     if args.command in ("eval", "profile") and not args.backend:
         args.backend = runtime_for(args.model)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
+            if getattr(args, "target", None) and args.command != "run":
+                from runtime.remote.stages import run_remote
+
+                return run_remote(args, tokens[tokens.index(args.command) + 1:])
             func(args)
     except BckdError as exc:
         if _launched_rank() == 0:  # under torchrun every rank fails alike: say it once

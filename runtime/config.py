@@ -117,6 +117,9 @@ class ProfileConfig:
     min_seconds: float = 2.0
     threads: int = 0  # 0: all cores
     batch: int = 1
+    # Power over the timed window of each row: none, auto (what the machine has: tegrastats on
+    # a Jetson, RAPL, NVML), tegrastats, rapl, nvml. 'bckd run --target' uses auto on the board.
+    telemetry: str = "none"
 
 
 @dataclass

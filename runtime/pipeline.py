@@ -127,8 +127,14 @@ def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
             acc = evaluate_runner(runner, val, pre, card["classes"], batch_size=8,
                                   progress=bar, writer=keep)
         x = pre.batch([val.load(0)[0]] * cfg.profile.batch)
+        telemetry = None
+        if cfg.profile.telemetry != "none":
+            from runtime.telemetry import open_telemetry
+
+            telemetry = open_telemetry(cfg.profile.telemetry)
         lat = profile_runner(runner, x, warmup=cfg.profile.warmup, iters=cfg.profile.iters,
-                             min_seconds=cfg.profile.min_seconds, batch=cfg.profile.batch)
+                             min_seconds=cfg.profile.min_seconds, batch=cfg.profile.batch,
+                             telemetry=telemetry)
         # Decoded images -> preprocess -> inference -> label map, on real validation images.
         images = [val.load(i)[0] for i in range(min(len(val), STAGE_IMAGES))]
         pipe = profile_pipeline(runner, images, pre, task.stage_postprocess(card),
@@ -157,6 +163,8 @@ def measure(artifact: Path, data_root: Path, run_dir: Path, cfg: RunConfig,
         "artifact": str(artifact.relative_to(run_dir)),
         "parity": card.get("parity"),
     }
+    if "power" in lat.context:
+        row["power"] = lat.context["power"]
     if examples is not None:
         examples.load(val, pre)
         examples.add(row, keep)
@@ -263,8 +271,12 @@ def _duration(seconds: float) -> str:
 
 def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
                  log: Log = print, example_images: int = EXAMPLE_IMAGES,
-                 provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+                 provenance: dict[str, Any] | None = None, target: str | None = None,
+                 remote_timeout: float = 3600.0) -> dict[str, Any]:
     """Synthesise (or open) data, train teacher and students, export, measure, report.
+
+    With ``target`` (a name from ``bckd target add``) the exported models are measured on that
+    board (evaluation, profiling, OpenVINO conversion, INT8 calibration), the rest here.
 
     report.html shows the predictions of every model on the first ``example_images`` validation
     images (kept in memory while measuring).
@@ -288,9 +300,17 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
                             f"methods ({', '.join(cfg.methods)})")
     for method in cfg.methods:
         method_names(method, method_kd(method, cfg.kd_options).options, cfg.data.task)
+    remote = None
+    if target:
+        from runtime.remote.run import RemoteMeasurer
+
+        remote = RemoteMeasurer(target, log, timeout=remote_timeout)
+        remote.check()  # before any training: the board answers and runs this bckd
+    here = None
     start = time.perf_counter()
     clock = StageClock(log, {"data": 0 if cfg.data.root else 1, "teacher": 1,
-                             "student": len(cfg.methods), "measure": len(cfg.methods) + 1})
+                             "student": len(cfg.methods), "measure": len(cfg.methods) + 1,
+                             "target": 1 if remote else 0})
     with staged_dir(out, force=force) as tmp:
         data_root = Path(cfg.data.root) if cfg.data.root else tmp / "data"
         # Paths recorded in cards are relative to the run folder when they live inside it.
@@ -318,6 +338,7 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
             checkpoints[("student", method)] = ckpt
             clock.done("student", f"student '{method}'")
         rows = []
+        on_target: list[tuple[Path, bool]] = []
         examples = make_examples(cfg.data.task, example_images) if example_images > 0 else None
         for (role, method), ckpt in checkpoints.items():
             onnx_path = tmp / "onnx" / f"{role}-{method}.onnx"
@@ -326,11 +347,22 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
             export_checkpoint(ckpt, onnx_path, opset=cfg.export.opset,
                               dynamic=cfg.export.dynamic, simplify=cfg.export.simplify,
                               extra={"role": role}, source_label=label, nms=cfg.export.nms)
-            log(f"[measure] {role}/{method}: evaluating and profiling with onnxruntime")
-            rows.append(measure(onnx_path, data_root, tmp, cfg, examples=examples))
-            if role == "student" and method in deployed:
-                rows += deploy_rows(onnx_path, data_root, tmp, cfg, log, examples)
-            clock.done("measure", f"export and measure of {role}/{method}")
+            deploy = role == "student" and method in deployed
+            if remote is not None:  # measured on the board, all in one job, below
+                on_target.append((onnx_path, deploy))
+            else:
+                from runtime.remote.run import host_measured_on
+
+                here = here or host_measured_on()
+                log(f"[measure] {role}/{method}: evaluating and profiling with onnxruntime")
+                new = [measure(onnx_path, data_root, tmp, cfg, examples=examples)]
+                if deploy:
+                    new += deploy_rows(onnx_path, data_root, tmp, cfg, log, examples)
+                rows += [dict(r, measured_on=here) for r in new]
+            clock.done("measure", f"export{'' if remote else ' and measure'} of {role}/{method}")
+        if remote is not None:
+            rows += remote.measure(on_target, data_root, tmp, cfg, examples=examples)
+            clock.done("target", f"measurement on target '{target}'")
         val = open_dataset(data_root, cfg.data.val_split, format=cfg.data.format)
         report = new_report(to_dict(cfg), {
             "name": val.meta.get("name"), "root": root_label,
@@ -344,6 +376,9 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
                                 "input_size": list(cfg.data.input_size),
                                 "threads": cfg.profile.threads or os.cpu_count(),
                                 "machine": report["host"]}
+        if remote is not None:
+            report["target"] = remote.record()
+            report["provenance"]["measured_on"] = f"target '{target}' ({remote.target.url})"
         write_report(tmp, report, examples)
     log("")
     log(render_text(report))

@@ -155,7 +155,22 @@ def provenance_lines(report: dict[str, Any]) -> list[str]:
         return []
     size = "x".join(map(str, p.get("input_size") or [])) or "?"
     return [f"- produced by: `{p.get('command')}`" + (" (quick)" if p.get("quick") else ""),
-            f"- input size {size}, {p.get('threads')} threads"]
+            f"- input size {size}, {p.get('threads')} threads",
+            f"- measured on: {measured_on(report)}"]
+
+
+def measured_on(report: dict[str, Any]) -> str:
+    """Where the rows' figures were measured: this host, or a target board with its versions."""
+    t = report.get("target")
+    if t:
+        v = ", ".join(f"{k} {x}" for k, x in (t.get("versions") or {}).items()
+                      if k in ("onnxruntime", "openvino", "tensorrt"))
+        return (f"target '{t.get('name')}' ({t.get('url')}, board {t.get('hostname')} "
+                f"{t.get('machine')}, {v}); distilled and exported on this host; "
+                f"{t.get('bytes_sent', 0)} bytes sent, {t.get('objects_sent', 0)} files, "
+                f"{t.get('objects_skipped', 0)} already there")
+    host = report.get("host") or {}
+    return f"this host ({host.get('processor') or host.get('machine')})"
 
 
 def _stage(row: dict[str, Any], stage: str, key: str) -> Any:

@@ -609,6 +609,10 @@ def _summary(report: dict[str, Any]) -> str:
         items.insert(0, ("produced by", f"{prov.get('command')}"
                          + (" (quick)" if prov.get("quick") else "")
                          + f"; input {size}, {prov.get('threads')} threads"))
+    if prov:
+        from runtime.report import measured_on
+
+        items.insert(1, ("measured on", measured_on(report)))
     rows = "".join(f"<dt>{k}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items)
     return f'<dl class="summary">{rows}</dl>'
 

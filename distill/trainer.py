@@ -253,6 +253,7 @@ class Trainer:
                                            rank=self.rank, world_size=self.world_size)
         self.epoch, self.iteration = 0, 0
         self.history: list[dict[str, float]] = []
+        self.probes: list[dict[str, float]] = []  # train.grad_probe_every diagnostics
         self.amp = resolve_amp(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.scalars, self.log_every = ScalarLog(tensorboard), log_every
@@ -329,6 +330,9 @@ class Trainer:
         values = self._mean_terms(terms)
         if not math.isfinite(values["total"]):  # the mean is non-finite on every rank alike
             raise BckdError(self._non_finite_message(values))
+        every = self.cfg.grad_probe_every
+        if every and self.iteration % every == 0:
+            self._probe_gradients(terms)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["total"]).backward()
         self.scaler.step(self.optimizer)
@@ -338,6 +342,30 @@ class Trainer:
         if self.scalars.enabled and self.iteration % self.log_every == 0:
             self._log_iteration(values)
         return values
+
+    def _probe_gradients(self, terms: dict[str, torch.Tensor]) -> None:
+        """Gradient norm on the student's weights of each applied loss term (and each part a
+        loss reports in ``last_parts``), with its cosine to the task term's gradient."""
+        params = [p for p in self.task.student.parameters() if p.requires_grad]
+        parts = {k: v for k, v in terms.items() if k != "total"}
+        for name, loss in self.task.losses.items():
+            for part, value in (getattr(loss, "last_parts", None) or {}).items():
+                parts[f"{name}.{part}"] = self.task.weights[name] * value
+        flat: dict[str, torch.Tensor] = {}
+        for name, value in parts.items():
+            if not value.requires_grad:
+                continue
+            grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+            flat[name] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
+                                    for g, p in zip(grads, params)])
+        task = flat.get("task")
+        probe = {f"grad/{k}": float(v.norm()) for k, v in flat.items()}
+        if task is not None:
+            for k, v in flat.items():
+                if k != "task":
+                    probe[f"cos_task/{k}"] = float(torch.nn.functional.cosine_similarity(
+                        v, task, dim=0, eps=1e-12))
+        self.probes.append(probe)
 
     def _mean_terms(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
         """Loss terms as floats averaged over the processes (one all-reduce for all of them)."""
@@ -371,6 +399,11 @@ class Trainer:
             n += 1
         self.epoch += 1
         means = {k: v / max(n, 1) for k, v in sums.items()}
+        if self.probes:  # the epoch's gradient probes, averaged
+            keys = sorted({k for p in self.probes for k in p})
+            means.update({k: sum(p[k] for p in self.probes if k in p)
+                          / sum(1 for p in self.probes if k in p) for k in keys})
+            self.probes = []
         self.scalars.add("epoch", means, self.iteration)
         return means
 
@@ -462,7 +495,7 @@ def fit(trainer: Trainer, state_file: Path, val_every: int,
         trainer.history.append(record)
         log("  epoch %d/%d  " % (trainer.epoch, trainer.epochs)
             + "  ".join(f"{k}={v:.4f}" for k, v in record.items()
-                        if k != "epoch" and v is not None))
+                        if k != "epoch" and v is not None and "/" not in k))
         state = trainer.state_dict()  # collective: every process takes part
         if distributed.is_main():
             save_state(state_file, state)

@@ -82,6 +82,10 @@ class TrainConfig:
     channels_last: bool = True
     tensorboard: bool = False  # write TensorBoard scalars to <checkpoint>.tb/ (needs tensorboard)
     log_every: int = 10  # iterations between TensorBoard points
+    # Diagnostics: every N iterations, the gradient norm on the student's weights of each loss
+    # term as applied (and of BCKD's boundary and context parts), with its cosine to the task
+    # loss's gradient, averaged per epoch into the history. Costs one backward pass per term.
+    grad_probe_every: int = 0
 
 
 @dataclass

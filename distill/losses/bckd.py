@@ -195,6 +195,7 @@ class BCKDLoss(nn.Module):
         self.tau_cd = AdaptiveTemperature(tau_init, tau_factor, tau_bound,
                                           adapt_tau and context == "kl")
         self.last_terms: dict[str, float] = {}
+        self.last_parts: dict[str, Tensor] = {}
 
     def decay_factor(self, inputs: DistillInputs) -> float:
         """r(t): 1 − (t−1)/t_max with the 1-indexed epoch t = epoch + 1 (or per iteration)."""
@@ -281,6 +282,9 @@ class BCKDLoss(nn.Module):
         r = self.decay_factor(inputs)
         self.last_terms = {"boundary": float(l_bd.detach()), "context": float(l_cd.detach()),
                            "decay": r}
+        # the applied parts, graph attached, for the trainer's gradient probe
+        self.last_parts = {"boundary": r * self.boundary_weight * as_float(l_bd),
+                           "context": r * self.context_weight * as_float(l_cd)}
         return r * (self.boundary_weight * as_float(l_bd) + self.context_weight * as_float(l_cd))
 
     def log_scalars(self) -> dict[str, Any]:

@@ -1,0 +1,76 @@
+"""Where INT8 pays on this CPU: FP32 vs INT8 single-stream p50 of a run's deployed student, by
+input size.
+
+A ``bckd run`` folder holds the deployed student as ONNX (FP32), its ONNX Runtime INT8 form
+(U8S8 Q/DQ), its OpenVINO IR (f32) and the symmetric Q/DQ model OpenVINO runs as INT8. This
+profiles the four with ``bckd profile`` (the CLI, each in its own process, dynamic H/W compiled
+at each ``--sizes`` value), ``--rounds`` rounds with the order rotated, and prints the INT8/FP32
+ratio of the medians per runtime and size::
+
+    python tests/benchmarks/bench_int8_sizes.py --run /tmp/q1 --sizes 128 256 512
+
+Prints one JSON object (``--out`` writes it too).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def p50(model: Path, size: int, threads: int, seconds: float, backend: str | None) -> float:
+    argv = [sys.executable, "-m", "runtime.cli", "profile", str(model), "--size",
+            f"{size}x{size}", "--threads", str(threads), "--min-seconds", str(seconds), "--json"]
+    if backend:
+        argv += ["--backend", backend]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        sys.exit(f"profile of {model} failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout)["latency_ms"]["p50"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="a bckd run folder")
+    ap.add_argument("--student", default="student-bckd", help="deployed student's file stem")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    run, s = Path(args.run), args.student
+    models = {"ort_fp32": (run / "onnx" / f"{s}.onnx", None),
+              "ort_int8": (run / "int8" / f"{s}.int8-u8s8.onnx", None),
+              "ov_fp32": (run / "openvino" / f"{s}.xml", None),
+              "ov_int8": (run / "int8" / f"{s}.int8.onnx", "openvino")}
+    for name, (path, _) in models.items():
+        if not path.is_file():
+            sys.exit(f"{path} is missing: pass a bckd run folder whose deployed student is {s}")
+    result = {"run": str(run), "threads": args.threads, "rounds": args.rounds, "sizes": {}}
+    for size in args.sizes:
+        times: dict[str, list[float]] = {k: [] for k in models}
+        names = list(models)
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                path, backend = models[name]
+                times[name].append(p50(path, size, args.threads, args.seconds, backend))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        result["sizes"][str(size)] = {
+            "p50_ms": {k: round(v, 3) for k, v in med.items()},
+            "ort_int8_over_fp32": round(med["ort_int8"] / med["ort_fp32"], 3),
+            "ov_int8_over_fp32": round(med["ov_int8"] / med["ov_fp32"], 3)}
+        print(size, result["sizes"][str(size)], flush=True)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -275,3 +275,39 @@ def test_embed_norm_bounds_the_relation_and_can_be_switched_off():
     assert big(inputs).item() < plain(inputs).item()
     with pytest.raises(BckdError, match="embed_norm"):
         build_loss("bckd", CTX, embed_norm="l1")
+
+
+def test_affinity_boundary_is_one_across_classes_and_zero_within():
+    from distill.losses.bckd_ops import pairwise_affinity_boundary
+
+    labels = torch.zeros(1, 12, 16, dtype=torch.long)
+    labels[..., 8:] = 1  # a vertical edge between columns 7 and 8
+    p = torch.nn.functional.one_hot(labels, 2).permute(0, 3, 1, 2).double()
+    b = pairwise_affinity_boundary(p, 3)
+    ends = [path[-1] for path in irnet_paths(3)]
+    assert b.shape == pairwise_boundary(p[:, :1], 3).shape == (1, len(ends), 10, 12)
+    r1 = 2
+    for k, (dy, dx) in enumerate(ends):
+        for y in range(10):
+            for x in range(12):
+                across = (x + r1 < 8) != (x + r1 + dx < 8)
+                assert b[0, k, y, x].item() == (1.0 if across else 0.0)
+    soft = torch.softmax(torch.randn(2, 3, 9, 11, dtype=torch.float64), dim=1)
+    got = pairwise_affinity_boundary(soft, 3, "pad")
+    assert got.shape[-2:] == (9, 11) and got.min() >= 0 and got.max() <= 1
+
+
+def test_semantic_teacher_boundary_uses_the_teachers_classes():
+    torch.manual_seed(3)
+    loss = build_loss("bckd", CTX, channels=16, teacher_boundary="semantic").train()
+    a = _inputs(seed=1)
+    value = loss(a)
+    assert torch.isfinite(value)
+    value.backward()
+    assert loss.student_edge.weight.grad is not None and loss.student_edge.weight.grad.abs().sum() > 0
+    # the teacher's boundary is its class posteriors' pair affinity: new teacher logits, new loss
+    b = _inputs(seed=1)
+    b.teacher_logits = torch.randn_like(b.teacher_logits) * 5
+    assert loss(b).item() != pytest.approx(loss(_inputs(seed=1)).item())
+    with pytest.raises(BckdError):
+        build_loss("bckd", CTX, teacher_boundary="edges")

@@ -198,3 +198,30 @@ def test_distill_stage_trains_on_a_standard_layout(tmp_path):
     card = result.card
     assert card["num_classes"] == 19 and card["data"]["format"] == "cityscapes"
     assert card["data"]["images"] == {"train": 2, "val": 1} and len(card["data"]["meta_sha256"]) == 64
+
+
+def test_gradient_probe_records_each_term_and_bckd_parts(tiny_data, tmp_path):
+    from runtime.config import ModelConfig as MC
+
+    teacher_cfg = TrainConfig(epochs=1, batch_size=8, crop_size=(32, 32), amp="none")
+    src, val = open_dataset(tiny_data, "train"), open_dataset(tiny_data, "val")
+    t = train(model_cfg=MC(width=0.25), train_cfg=teacher_cfg, train_source=src,
+              val_source=val, preprocess=Preprocess((32, 32)), classes=src.classes,
+              out=tmp_path / "t.pt", log=lambda _: None)
+    teacher, _ = load_student(t.checkpoint)
+    cfg = TrainConfig(epochs=2, batch_size=8, crop_size=(32, 32), amp="none", grad_probe_every=1)
+    plain = TrainConfig(epochs=2, batch_size=8, crop_size=(32, 32), amp="none")
+    options = {"bckd": {"channels": 16}}
+    probed = _train(tiny_data, tmp_path / "p.pt", cfg, teacher=teacher, method="bckd+cwd",
+                    kd_options=options)
+    first = probed.history[0]
+    for key in ("grad/task", "grad/bckd", "grad/cwd", "grad/bckd.boundary", "grad/bckd.context",
+                "cos_task/bckd", "cos_task/cwd"):
+        assert key in first, sorted(first)
+    assert first["grad/task"] > 0 and -1 <= first["cos_task/cwd"] <= 1
+    # the probe only reads gradients: training is unchanged
+    same = _train(tiny_data, tmp_path / "q.pt", plain, teacher=teacher, method="bckd+cwd",
+                  kd_options=options)
+    a, b = load_student(probed.checkpoint)[0], load_student(same.checkpoint)[0]
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n

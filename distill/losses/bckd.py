@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.losses.base import DETECT_LOSSES, LOSSES, DistillInputs, LossContext
-from distill.losses.bckd_ops import context_kl, context_mse, pairwise_boundary
+from distill.losses.bckd_ops import (context_kl, context_mse, pairwise_affinity_boundary,
+                                     pairwise_boundary)
 from distill.losses.cwd import channel_wise_kl
 from distill.losses.functional import as_float, check_choice, full_precision
 
@@ -173,7 +174,7 @@ class BCKDLoss(nn.Module):
         check_choice("context", context, ("kl", "mse"), "bckd")
         check_choice("decay", decay, ("epoch", "iter", "none"), "bckd")
         check_choice("teacher_adapters", teacher_adapters, TEACHER_ADAPTERS, "bckd")
-        check_choice("teacher_boundary", teacher_boundary, ("soft", "hard"), "bckd")
+        check_choice("teacher_boundary", teacher_boundary, ("soft", "hard", "semantic"), "bckd")
         check_choice("pairs", pairs, ("crop", "pad"), "bckd")
         check_choice("adapter_norm", adapter_norm, ("none", "bn"), "bckd")
         check_choice("embed_norm", embed_norm, ("l2", "none"), "bckd")
@@ -248,10 +249,13 @@ class BCKDLoss(nn.Module):
 
     def _boundary_kl(self, edge_s: Tensor, edge_t: Tensor, radius: int) -> Tensor:
         bs = pairwise_boundary(torch.sigmoid(as_float(edge_s)), radius, self.pairs)
-        prob_t = torch.sigmoid(as_float(edge_t))
-        if self.teacher_boundary == "hard":
-            prob_t = (prob_t > 0.5).to(prob_t.dtype)
-        bt = pairwise_boundary(prob_t, radius, self.pairs)
+        if self.teacher_boundary == "semantic":  # edge_t holds the teacher's class posteriors
+            bt = pairwise_affinity_boundary(as_float(edge_t).detach(), radius, self.pairs)
+        else:
+            prob_t = torch.sigmoid(as_float(edge_t))
+            if self.teacher_boundary == "hard":
+                prob_t = (prob_t > 0.5).to(prob_t.dtype)
+            bt = pairwise_boundary(prob_t, radius, self.pairs)
         self.tau_bd.update(bt)
         # L_bd is CWD's spatial-softmax KL with each offset as a channel (method.md §2.4)
         return channel_wise_kl(bs, bt, self.tau_bd.tau.to(bs.dtype), self._detach_teacher)
@@ -277,6 +281,8 @@ class BCKDLoss(nn.Module):
 
     def forward(self, inputs: DistillInputs) -> Tensor:
         fs, ft, edge_s, edge_t = self.features(inputs)
+        if self.teacher_boundary == "semantic":  # the teacher's class posteriors at F's size
+            edge_t = _posteriors(inputs.teacher_logits, edge_s.shape[-2:])
         l_bd = self.boundary_loss(edge_s, edge_t) if self.boundary_weight else fs.new_zeros(())
         l_cd = self.context_loss(fs, ft) if self.context_weight else fs.new_zeros(())
         r = self.decay_factor(inputs)
@@ -291,6 +297,15 @@ class BCKDLoss(nn.Module):
         """Unweighted terms, r(t) and both temperatures, for TensorBoard."""
         return {**self.last_terms, "tau_boundary": self.tau_bd.value,
                 "tau_context": self.tau_cd.value}
+
+
+def _posteriors(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """Softmax class posteriors of (B, K, H, W) segmentation logits, area-averaged to ``size``."""
+    if logits.ndim != 4:
+        raise ValueError("teacher_boundary 'semantic' needs (B, K, H, W) segmentation logits; "
+                         f"got {tuple(logits.shape)} (detectors: use 'soft' or 'hard')")
+    p = torch.softmax(as_float(logits).detach(), dim=1)
+    return F.adaptive_avg_pool2d(p, tuple(int(v) for v in size))
 
 
 def _rescale(x: Tensor, eps: float = 1e-6) -> Tensor:

@@ -77,6 +77,29 @@ def pairwise_boundary(b: Tensor, radius: int, pairs: str = "crop") -> Tensor:
     return gathered.amax(dim=2)
 
 
+def pairwise_affinity_boundary(p: Tensor, radius: int, pairs: str = "crop") -> Tensor:
+    """B_ij = 1 − p_i·p_j for IRNet's offsets: (B, C, H, W) class posteriors -> (B, K, H'', W'').
+
+    The probability that pixels i and j belong to different classes: AffinityNet's pair
+    boundary ("1 if the two pixels belong to different classes, 0 if they share one", method.md
+    §2.3), soft. Same offsets and layout as :func:`pairwise_boundary` ('pad' pads with zero
+    posteriors, i.e. boundary 1 outside the map).
+    """
+    r1 = radius - 1
+    if pairs == "pad":
+        p = F.pad(p, (r1, r1, 0, r1), value=0.0)
+    elif pairs != "crop":
+        raise ValueError(f"pairs must be 'crop' or 'pad', got '{pairs}'")
+    height, width = p.shape[-2] - r1, p.shape[-1] - 2 * r1
+    if height < 1 or width < 1:
+        raise ValueError(f"a {p.shape[-2]}x{p.shape[-1]} map is too small for boundary radius "
+                         f"{radius}; lower the radius or use pairs='pad'")
+    source = p[:, :, :height, r1:r1 + width]
+    ends = [path[-1] for path in irnet_paths(radius)]
+    return torch.stack([1.0 - (source * p[:, :, dy:dy + height, r1 + dx:r1 + dx + width]).sum(1)
+                        for dy, dx in ends], dim=1)
+
+
 # --------------------------------------------------------------------------------------------
 # Context (§2.5): C-KL (row-softmax self-relation, chunked) and C-MSE (Gram shortcut)
 # --------------------------------------------------------------------------------------------

@@ -55,6 +55,21 @@ def _path_index(radius: int) -> tuple[tuple[tuple[int, int], ...], Tensor]:
     return tuple(points), torch.tensor(index, dtype=torch.long)
 
 
+def _pair_layout(x: Tensor, radius: int, pairs: str, fill: float) -> tuple[Tensor, int, int]:
+    """The map padded for ``pairs='pad'`` (with ``fill`` on the left, right and bottom), and the
+    H'', W'' of the source pixels whose every pair partner lies inside it."""
+    r1 = radius - 1
+    if pairs == "pad":
+        x = F.pad(x, (r1, r1, 0, r1), value=fill)
+    elif pairs != "crop":
+        raise ValueError(f"pairs must be 'crop' or 'pad', got '{pairs}'")
+    height, width = x.shape[-2] - r1, x.shape[-1] - 2 * r1
+    if height < 1 or width < 1:
+        raise ValueError(f"a {x.shape[-2]}x{x.shape[-1]} feature map is too small for boundary "
+                         f"radius {radius}; lower the radius or use pairs='pad'")
+    return x, height, width
+
+
 def pairwise_boundary(b: Tensor, radius: int, pairs: str = "crop") -> Tensor:
     """B_ij = max over the path from i to j of the boundary map ``b`` (B, 1, H, W) -> (B, K, H'', W'').
 
@@ -62,15 +77,8 @@ def pairwise_boundary(b: Tensor, radius: int, pairs: str = "crop") -> Tensor:
     training layout: H'' = H − (r−1), W'' = W − 2(r−1)); ``'pad'`` pads the map with boundary
     value 1 on the left, right and bottom (IRNet's inference layout) and keeps H'' × W'' = H × W.
     """
+    b, height, width = _pair_layout(b, radius, pairs, fill=1.0)
     r1 = radius - 1
-    if pairs == "pad":
-        b = F.pad(b, (r1, r1, 0, r1), value=1.0)
-    elif pairs != "crop":
-        raise ValueError(f"pairs must be 'crop' or 'pad', got '{pairs}'")
-    height, width = b.shape[-2] - r1, b.shape[-1] - 2 * r1
-    if height < 1 or width < 1:
-        raise ValueError(f"a {b.shape[-2]}x{b.shape[-1]} feature map is too small for boundary "
-                         f"radius {radius}; lower the radius or use pairs='pad'")
     points, index = _path_index(radius)
     shifted = torch.cat([b[:, :, y:y + height, r1 + x:r1 + x + width] for y, x in points], dim=1)
     gathered = shifted[:, index.to(b.device)]  # (B, K, L, H'', W'')
@@ -85,15 +93,8 @@ def pairwise_affinity_boundary(p: Tensor, radius: int, pairs: str = "crop") -> T
     §2.3), soft. Same offsets and layout as :func:`pairwise_boundary` ('pad' pads with zero
     posteriors, i.e. boundary 1 outside the map).
     """
+    p, height, width = _pair_layout(p, radius, pairs, fill=0.0)
     r1 = radius - 1
-    if pairs == "pad":
-        p = F.pad(p, (r1, r1, 0, r1), value=0.0)
-    elif pairs != "crop":
-        raise ValueError(f"pairs must be 'crop' or 'pad', got '{pairs}'")
-    height, width = p.shape[-2] - r1, p.shape[-1] - 2 * r1
-    if height < 1 or width < 1:
-        raise ValueError(f"a {p.shape[-2]}x{p.shape[-1]} map is too small for boundary radius "
-                         f"{radius}; lower the radius or use pairs='pad'")
     source = p[:, :, :height, r1:r1 + width]
     ends = [path[-1] for path in irnet_paths(radius)]
     return torch.stack([1.0 - (source * p[:, :, dy:dy + height, r1 + dx:r1 + dx + width]).sum(1)

@@ -213,8 +213,41 @@ def write_table(out: Path, variants: dict, results: dict) -> None:
             cells.append(f"{mean:.2f} ± {std:.2f}")
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
+    write_probe_table(out, results)
     (out / "table.json").write_text(json.dumps(summary, indent=1))
     print("\n".join(lines))
+
+
+def write_probe_table(out: Path, results: dict) -> None:
+    """probes.md: per variant, the gradient norms of each applied term on the student's weights
+    and their cosines to the task gradient, averaged over the first and the last quarter of the
+    epochs (runs trained with --grad-probe)."""
+    lines = ["| student | seed | epochs | term | ‖∇‖ early | ‖∇‖ late | ‖∇‖ / ‖∇task‖ early "
+             "| late | cos to task early | late |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, runs in results.items():
+        for run in runs:
+            probes = run.get("grad_probes") or []
+            if not probes:
+                continue
+            q = max(1, len(probes) // 4)
+            early, late = probes[:q], probes[-q:]
+
+            def mean(rows, key):
+                vals = [r[key] for r in rows if key in r]
+                return statistics.fmean(vals) if vals else float("nan")
+
+            terms = sorted({k.split("/", 1)[1] for p in probes for k in p if k.startswith("grad/")})
+            task_e, task_l = mean(early, "grad/task"), mean(late, "grad/task")
+            for term in terms:
+                ge, gl = mean(early, f"grad/{term}"), mean(late, f"grad/{term}")
+                ce, cl = mean(early, f"cos_task/{term}"), mean(late, f"cos_task/{term}")
+                lines.append(f"| {name} | {run['seed']} | {len(probes)} | {term} | {ge:.4g} | "
+                             f"{gl:.4g} | {ge / task_e:.3g} | {gl / task_l:.3g} | "
+                             f"{'-' if term == 'task' else f'{ce:.3f}'} | "
+                             f"{'-' if term == 'task' else f'{cl:.3f}'} |")
+    if len(lines) > 2:
+        (out / "probes.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -178,6 +178,10 @@ class RunConfig:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     cache_dir: str = ""  # empty: $BCKD_CACHE or ~/.cache/bckd
+    # Reuse students and their ONNX exports from the cache when everything they depend on (data,
+    # teacher, config, method, code) is unchanged, as the teacher is: a rerun then retrains
+    # nothing and its files are byte-identical (so a --target rerun copies nothing).
+    reuse_students: bool = True
 
 
 def _type_name(tp: Any) -> str:

@@ -94,6 +94,65 @@ def teacher_checkpoint(cfg: RunConfig, data_root: Path, fingerprint: str, log: L
     return ckpt
 
 
+def cached_student(cfg: RunConfig, method: str, teacher: Path, fingerprint: str,
+                   ckpt: Path, train: Callable[[Path], None], log: Log) -> None:
+    """Put the student of ``method`` at ``ckpt``: copied from the cache when its inputs are
+    unchanged (``cfg.reuse_students``), else trained there by ``train(path)`` and cached."""
+    import shutil
+
+    from runtime.card import card_path
+
+    if not cfg.reuse_students:
+        train(ckpt)
+        return
+    key = sha256_json({"student": to_dict(cfg.student), "train": to_dict(cfg.student_train),
+                       "method": method, "kd": method_kd(method, cfg.kd_options).options,
+                       "teacher": sha256_file(teacher), "data": fingerprint,
+                       "input_size": list(cfg.data.input_size), "task": cfg.data.task,
+                       "code": code_fingerprint()})[:16]
+    entry = cache_root(cfg) / "students" / key
+    cached = entry / "student.pt"
+    if not cached.is_file():
+        with staged_dir(entry, force=True) as tmp:
+            train(tmp / "student.pt")
+    else:
+        log(f"[student] reusing cached student '{method}' {cached} (inputs unchanged)")
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cached, ckpt)
+    shutil.copyfile(card_path(cached), card_path(ckpt))
+
+
+def cached_export(cfg: RunConfig, ckpt: Path, onnx_path: Path, export: Callable[[Path], None],
+                  log: Log) -> None:
+    """Export ``ckpt`` to ``onnx_path``, or copy the export of the same checkpoint (by hash)
+    with the same settings and code from the cache."""
+    import shutil
+
+    import export as export_pkg
+
+    from runtime.card import card_path
+
+    if not cfg.reuse_students:
+        export(onnx_path)
+        return
+    h = hashlib.sha256()
+    for path in sorted(Path(export_pkg.__file__).parent.rglob("*.py")):
+        h.update(path.read_bytes())
+    key = sha256_json({"checkpoint": sha256_file(ckpt), "export": to_dict(cfg.export),
+                       "name": onnx_path.name, "export_code": h.hexdigest(),
+                       "code": code_fingerprint()})[:16]
+    entry = cache_root(cfg) / "exports" / key
+    cached = entry / onnx_path.name
+    if not cached.is_file():
+        with staged_dir(entry, force=True) as tmp:
+            export(tmp / onnx_path.name)
+    else:
+        log(f"[export] reusing the cached export of {ckpt.name} (same checkpoint and settings)")
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    for src in (cached, card_path(cached)):
+        shutil.copyfile(src, onnx_path.parent / src.name)
+
+
 # Validation images cycled through by the per-stage timing of each artifact.
 STAGE_IMAGES = 8
 
@@ -328,13 +387,17 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
         clock.done("teacher", "teacher")
         checkpoints = {("teacher", "none"): teacher}
         for method in cfg.methods:
-            log(f"[student] training {cfg.student.backbone}-{cfg.student.head} "
-                f"w{cfg.student.width:g} with method '{method}'")
             ckpt = tmp / "checkpoints" / f"student-{method}.pt"
-            distill_stage(data=cfg.data, data_root=data_root, model=cfg.student,
-                          train_cfg=cfg.student_train, out=ckpt, method=method,
-                          kd=method_kd(method, cfg.kd_options),
-                          teacher=teacher, root_label=root_label, log=log)
+
+            def train(path: Path, method: str = method) -> None:
+                log(f"[student] training {cfg.student.backbone}-{cfg.student.head} "
+                    f"w{cfg.student.width:g} with method '{method}'")
+                distill_stage(data=cfg.data, data_root=data_root, model=cfg.student,
+                              train_cfg=cfg.student_train, out=path, method=method,
+                              kd=method_kd(method, cfg.kd_options),
+                              teacher=teacher, root_label=root_label, log=log)
+
+            cached_student(cfg, method, teacher, fingerprint, ckpt, train, log)
             checkpoints[("student", method)] = ckpt
             clock.done("student", f"student '{method}'")
         rows = []
@@ -344,9 +407,13 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
             onnx_path = tmp / "onnx" / f"{role}-{method}.onnx"
             log(f"[export] {ckpt.name} -> {onnx_path.relative_to(tmp)}")
             label = str(ckpt.relative_to(tmp)) if ckpt.is_relative_to(tmp) else str(ckpt)
-            export_checkpoint(ckpt, onnx_path, opset=cfg.export.opset,
-                              dynamic=cfg.export.dynamic, simplify=cfg.export.simplify,
-                              extra={"role": role}, source_label=label, nms=cfg.export.nms)
+
+            def export(path: Path, ckpt: Path = ckpt, role: str = role, label: str = label) -> None:
+                export_checkpoint(ckpt, path, opset=cfg.export.opset,
+                                  dynamic=cfg.export.dynamic, simplify=cfg.export.simplify,
+                                  extra={"role": role}, source_label=label, nms=cfg.export.nms)
+
+            cached_export(cfg, ckpt, onnx_path, export, log)
             deploy = role == "student" and method in deployed
             if remote is not None:  # measured on the board, all in one job, below
                 on_target.append((onnx_path, deploy))

@@ -105,6 +105,34 @@ def test_teacher_is_cached(quick_run):
     assert len(list((cache / "teachers").glob("*/teacher.pt"))) == 1
 
 
+def test_a_rerun_reuses_students_and_exports_byte_for_byte(quick_run, tmp_path, capsys):
+    out, cache = quick_run
+    again = tmp_path / "again"
+    assert main(["run", "--quick", "--out", str(again), "--cache-dir", str(cache)]) == 0
+    log = capsys.readouterr().out
+    assert log.count("reusing cached student") == 3 and "[student] training" not in log
+    for onnx in sorted((out / "onnx").glob("*.onnx")):
+        assert (again / "onnx" / onnx.name).read_bytes() == onnx.read_bytes(), onnx.name
+    a = json.loads((out / "report.json").read_text())["results"]
+    b = json.loads((again / "report.json").read_text())["results"]
+    assert [r["miou"] for r in a] == [r["miou"] for r in b]
+    assert len(list((cache / "students").glob("*/student.pt"))) == 3
+
+
+def test_reuse_students_off_trains_again(quick_run, tmp_path):
+    from runtime.config import quick_config
+    from runtime.pipeline import run_pipeline
+
+    _, cache = quick_run
+    cfg = quick_config()
+    cfg.cache_dir, cfg.reuse_students, cfg.methods = str(cache), False, ("none",)
+    cfg.deploy.students = ("none",)
+    lines: list[str] = []
+    run_pipeline(cfg, tmp_path / "fresh", log=lines.append, example_images=0)
+    assert any(line.startswith("[student] training") for line in lines)
+    assert not any("reusing cached student" in line for line in lines)
+
+
 def test_stage_commands_on_run_outputs(quick_run, tmp_path, capsys):
     out, _ = quick_run
     data, ckpt = out / "data", out / "checkpoints" / "student-kd.pt"

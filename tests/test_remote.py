@@ -180,6 +180,12 @@ def test_run_quick_on_the_target_gives_the_local_rows(board, quick_run, tmp_path
                 "int8/student-bckd.int8.onnx.card.json"):
         assert (out / rel).is_file(), rel
     assert "measured on" in (out / "report.md").read_text()
+    # a second run with unchanged inputs: students and exports come from the cache, byte for
+    # byte, and the board has every file already
+    proc = bckd(env, "run", "--quick", "--target", "lo", "--out", str(tmp_path / "again"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    second = json.loads((tmp_path / "again" / "report.json").read_text())["target"]
+    assert second["bytes_sent"] == 0 and second["objects_sent"] == 0, second
 
 
 def test_unchanged_copies_send_nothing(board, quick_run):

@@ -8,8 +8,10 @@ marks [RECON] is a named option here with the spec's default:
   resized bilinearly to 1/``feature_stride`` of the input and concatenated (§2.1);
 * ``radius`` (0: 5 at stride 8, 10 at stride 4, shrunk when the map is narrower than the
   neighbourhood, e.g. 64-px inputs), ``pairs`` ('crop' | 'pad'), ``teacher_boundary``
-  ('soft' sigmoid | 'hard' binarised at 0.5): the IRNet line-max pairwise boundary from a 1×1
-  conv C→1 + sigmoid, compared by a τ-scaled spatial-softmax KL per offset (§2.3–2.4, §3);
+  ('soft' sigmoid | 'hard' binarised at 0.5 | 'semantic': the teacher's pair boundary is
+  1 − p_i·p_j of its class posteriors, AffinityNet's "different classes" boundary, soft): the
+  IRNet line-max pairwise boundary from a 1×1 conv C→1 + sigmoid, compared by a τ-scaled
+  spatial-softmax KL per offset (§2.3–2.4, §3);
 * ``context`` ('kl': row-softmax self-relation with a row KL, SERE-style; 'mse': Gram relation
   X Xᵀ/C with an MSE and the exact C×C shortcut), ``context_chunk`` (rows per block of the exact
   chunked C-KL; 0 = automatic, blocks of at most 2²² relation entries, 16 MiB in fp32); the student's features pass through the aligner A (1×1 conv +

@@ -62,12 +62,13 @@ def dataset_fingerprint(root: Path, splits: tuple[str, ...], format: str = "fold
     return h.hexdigest()
 
 
-def code_fingerprint() -> str:
-    """sha256 of the training code, so a code change retrains the cached teacher."""
-    import distill
+def code_fingerprint(package: str = "distill") -> str:
+    """sha256 of a package's code (default: the training code), so a code change invalidates
+    what the cache holds for it."""
+    import importlib
 
     h = hashlib.sha256()
-    for path in sorted(Path(distill.__file__).parent.rglob("*.py")):
+    for path in sorted(Path(importlib.import_module(package).__file__).parent.rglob("*.py")):
         h.update(path.read_bytes())
     return h.hexdigest()
 
@@ -94,63 +95,52 @@ def teacher_checkpoint(cfg: RunConfig, data_root: Path, fingerprint: str, log: L
     return ckpt
 
 
-def cached_student(cfg: RunConfig, method: str, teacher: Path, fingerprint: str,
-                   ckpt: Path, train: Callable[[Path], None], log: Log) -> None:
-    """Put the student of ``method`` at ``ckpt``: copied from the cache when its inputs are
-    unchanged (``cfg.reuse_students``), else trained there by ``train(path)`` and cached."""
+def cached_copy(cfg: RunConfig, kind: str, key: dict[str, Any], dest: Path,
+                make: Callable[[Path], None], log: Log, reused: str, name: str = "") -> None:
+    """Put at ``dest`` (with its card) the cache's ``kind`` entry for ``key``, made by
+    ``make(path)`` on a miss; without ``cfg.reuse_students`` only ``make(dest)``."""
     import shutil
 
     from runtime.card import card_path
 
     if not cfg.reuse_students:
-        train(ckpt)
+        make(dest)
         return
-    key = sha256_json({"student": to_dict(cfg.student), "train": to_dict(cfg.student_train),
-                       "method": method, "kd": method_kd(method, cfg.kd_options).options,
-                       "teacher": sha256_file(teacher), "data": fingerprint,
-                       "input_size": list(cfg.data.input_size), "task": cfg.data.task,
-                       "code": code_fingerprint()})[:16]
-    entry = cache_root(cfg) / "students" / key
-    cached = entry / "student.pt"
-    if not cached.is_file():
-        with staged_dir(entry, force=True) as tmp:
-            train(tmp / "student.pt")
+    entry = cache_root(cfg) / kind / sha256_json(key)[:16]
+    cached = entry / (name or dest.name)
+    if cached.is_file():
+        log(reused)
     else:
-        log(f"[student] reusing cached student '{method}' {cached} (inputs unchanged)")
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(cached, ckpt)
-    shutil.copyfile(card_path(cached), card_path(ckpt))
+        with staged_dir(entry, force=True) as tmp:
+            make(tmp / cached.name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cached, dest)
+    shutil.copyfile(card_path(cached), card_path(dest))
+
+
+def cached_student(cfg: RunConfig, method: str, teacher: Path, fingerprint: str,
+                   ckpt: Path, train: Callable[[Path], None], log: Log) -> None:
+    """Put the student of ``method`` at ``ckpt``: copied from the cache when its inputs are
+    unchanged (``cfg.reuse_students``), else trained by ``train(path)`` and cached."""
+    key = {"student": to_dict(cfg.student), "train": to_dict(cfg.student_train),
+           "method": method, "kd": method_kd(method, cfg.kd_options).options,
+           "teacher": sha256_file(teacher), "data": fingerprint,
+           "input_size": list(cfg.data.input_size), "task": cfg.data.task,
+           "code": code_fingerprint()}
+    cached_copy(cfg, "students", key, ckpt, train, log, name="student.pt",
+                reused=f"[student] reusing cached student '{method}' (inputs unchanged)")
 
 
 def cached_export(cfg: RunConfig, ckpt: Path, onnx_path: Path, export: Callable[[Path], None],
                   log: Log) -> None:
     """Export ``ckpt`` to ``onnx_path``, or copy the export of the same checkpoint (by hash)
     with the same settings and code from the cache."""
-    import shutil
-
-    import export as export_pkg
-
-    from runtime.card import card_path
-
-    if not cfg.reuse_students:
-        export(onnx_path)
-        return
-    h = hashlib.sha256()
-    for path in sorted(Path(export_pkg.__file__).parent.rglob("*.py")):
-        h.update(path.read_bytes())
-    key = sha256_json({"checkpoint": sha256_file(ckpt), "export": to_dict(cfg.export),
-                       "name": onnx_path.name, "export_code": h.hexdigest(),
-                       "code": code_fingerprint()})[:16]
-    entry = cache_root(cfg) / "exports" / key
-    cached = entry / onnx_path.name
-    if not cached.is_file():
-        with staged_dir(entry, force=True) as tmp:
-            export(tmp / onnx_path.name)
-    else:
-        log(f"[export] reusing the cached export of {ckpt.name} (same checkpoint and settings)")
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    for src in (cached, card_path(cached)):
-        shutil.copyfile(src, onnx_path.parent / src.name)
+    key = {"checkpoint": sha256_file(ckpt), "export": to_dict(cfg.export),
+           "name": onnx_path.name, "export_code": code_fingerprint("export"),
+           "code": code_fingerprint()}
+    cached_copy(cfg, "exports", key, onnx_path, export, log,
+                reused=f"[export] reusing the cached export of {ckpt.name} (same checkpoint "
+                       "and settings)")
 
 
 # Validation images cycled through by the per-stage timing of each artifact.
@@ -359,13 +349,14 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
                             f"methods ({', '.join(cfg.methods)})")
     for method in cfg.methods:
         method_names(method, method_kd(method, cfg.kd_options).options, cfg.data.task)
+    from runtime.remote.run import host_measured_on
+
     remote = None
     if target:
         from runtime.remote.run import RemoteMeasurer
 
         remote = RemoteMeasurer(target, log, timeout=remote_timeout)
         remote.check()  # before any training: the board answers and runs this bckd
-    here = None
     start = time.perf_counter()
     clock = StageClock(log, {"data": 0 if cfg.data.root else 1, "teacher": 1,
                              "student": len(cfg.methods), "measure": len(cfg.methods) + 1,
@@ -418,14 +409,11 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
             if remote is not None:  # measured on the board, all in one job, below
                 on_target.append((onnx_path, deploy))
             else:
-                from runtime.remote.run import host_measured_on
-
-                here = here or host_measured_on()
                 log(f"[measure] {role}/{method}: evaluating and profiling with onnxruntime")
                 new = [measure(onnx_path, data_root, tmp, cfg, examples=examples)]
                 if deploy:
                     new += deploy_rows(onnx_path, data_root, tmp, cfg, log, examples)
-                rows += [dict(r, measured_on=here) for r in new]
+                rows += [dict(r, measured_on=host_measured_on()) for r in new]
             clock.done("measure", f"export{'' if remote else ' and measure'} of {role}/{method}")
         if remote is not None:
             rows += remote.measure(on_target, data_root, tmp, cfg, examples=examples)

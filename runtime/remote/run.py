@@ -119,14 +119,12 @@ class RemoteMeasurer:
         self.timeout = timeout
         self.build: str | None = None
         self.data_tree: str | None = None
-        self.info: dict[str, Any] = {}
 
     def check(self) -> None:
         """Before any training: the board answers and runs this host's bckd."""
         from runtime.remote.stages import require_build
 
         self.build = require_build(self.conn)
-        self.info = self.conn.info()
 
     def measure(self, models: list[tuple[Path, bool]], data_root: Path, run_dir: Path,
                 cfg: Any, examples: Any = None) -> list[dict[str, Any]]:
@@ -138,6 +136,7 @@ class RemoteMeasurer:
         from runtime.data.preprocess import Preprocess
         from runtime.remote.ssh import stream_remote
         from runtime.remote.stages import artifact_files, folder_files
+        from runtime.report_html import DetectionExamples
 
         conn, t = self.conn, self.target
         if self.build is None:
@@ -146,7 +145,7 @@ class RemoteMeasurer:
             self.log(f"[target] copying the dataset to '{t.name}' (only what it lacks)")
             self.data_tree = conn.push_tree(folder_files(data_root, "dataset"))
         job = uuid.uuid4().hex[:16]
-        jobdir = f"{self.info['workdir']}/jobs/{job}"
+        jobdir = f"{conn.info()['workdir']}/jobs/{job}"
         argv = ["measure"]
         rewrite = {self.data_tree: str(data_root), f"{jobdir}/out/": ""}
         deploy = []
@@ -188,7 +187,7 @@ class RemoteMeasurer:
                     card = read_card(models[0][0])
                     val = open_dataset(data_root, cfg.data.val_split, format=cfg.data.format)
                     examples.load(val, Preprocess.from_dict(card["preprocess"]))
-                    kind = "maps" if type(examples).__name__ == "MaskExamples" else "dets"
+                    kind = "dets" if isinstance(examples, DetectionExamples) else "maps"
                     for row, maps in zip(rows, load_examples(stage / EXAMPLES, len(rows), kind)):
                         examples.add(row, maps)
                 for path in sorted(stage.rglob("*")):
@@ -208,9 +207,10 @@ class RemoteMeasurer:
 
     def record(self) -> dict[str, Any]:
         """The report's note of the target: who it is and what crossed the wire."""
-        pk = self.info.get("packages", {})
+        info = self.conn.info()
+        pk = info.get("packages", {})
         return {"name": self.target.name, "url": self.target.url,
-                "hostname": self.info.get("hostname"), "machine": self.info.get("machine"),
-                "python": self.info.get("python"),
+                "hostname": info.get("hostname"), "machine": info.get("machine"),
+                "python": info.get("python"),
                 "versions": {k: v for k, v in pk.items() if v},
                 "bckd_build": self.build, **self.conn.stats.to_dict()}

@@ -79,6 +79,7 @@ class Connection:
         self.multiplex = multiplex
         self.stats = Stats()
         self._agent_ready = False
+        self._info: dict | None = None
 
     # -- ssh -----------------------------------------------------------------------------------
     def ssh_argv(self, remote: Sequence[str]) -> list[str]:
@@ -174,11 +175,8 @@ class Connection:
         self._agent_ready = True
 
     def _check(self, proc: subprocess.CompletedProcess) -> None:
-        if proc.returncode == 0:
-            return
-        stderr = proc.stderr.decode(errors="replace") if isinstance(proc.stderr, bytes) \
-            else (proc.stderr or "")
-        raise self.agent_error(stderr, proc.returncode)
+        if proc.returncode:
+            raise self.agent_error(proc.stderr.decode(errors="replace"), proc.returncode)
 
     def agent_error(self, stderr: str, rc: int) -> BckdError:
         t = self.target
@@ -209,8 +207,11 @@ class Connection:
         self._check(proc)
         return proc.stdout
 
-    def info(self) -> dict:
-        return json.loads(self.call("info"))
+    def info(self, fresh: bool = False) -> dict:
+        """What the board has (``agent info``), asked once per connection unless ``fresh``."""
+        if fresh or self._info is None:
+            self._info = json.loads(self.call("info"))
+        return self._info
 
     # -- copies --------------------------------------------------------------------------------
     def push_objects(self, files: Mapping[str, Path], *,

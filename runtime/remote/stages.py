@@ -154,7 +154,7 @@ def run_remote(args: argparse.Namespace, tokens: Sequence[str]) -> int:
     target = get_target(args.target)
     plan = plan_command(args.command, tokens)
     force = bool(getattr(args, "force", False))
-    for kind, path, _ in plan.outputs:  # before any copy
+    for _, path, _ in plan.outputs:  # before any copy
         refuse_existing(path, "output", force=force)
     conn = Connection(target)
     job = uuid.uuid4().hex[:16]
@@ -167,7 +167,7 @@ def run_remote(args: argparse.Namespace, tokens: Sequence[str]) -> int:
         paths[f"@upload{n}"] = remote
         rewrite[remote] = token
     argv = [paths.get(a, a) for a in plan.argv]
-    jobdir = f"{conn_workdir(conn)}/jobs/{job}"
+    jobdir = f"{conn.info()['workdir']}/jobs/{job}"
     for _, path, rel in plan.outputs:
         rewrite[f"{jobdir}/{rel}"] = str(path)
         rewrite[rel] = str(path)
@@ -187,21 +187,9 @@ def run_remote(args: argparse.Namespace, tokens: Sequence[str]) -> int:
     return rc
 
 
-_WORKDIRS: dict[str, str] = {}
-
-
-def conn_workdir(conn: Connection) -> str:
-    """The target's workdir as an absolute path on the board."""
-    t = conn.target
-    if t.name not in _WORKDIRS:
-        _WORKDIRS[t.name] = conn.info()["workdir"]
-    return _WORKDIRS[t.name]
-
-
 def require_build(conn: Connection) -> str:
     """This host's build id, after checking that the board runs the same bckd."""
     info = conn.info()
-    _WORKDIRS[conn.target.name] = info["workdir"]
     build = host_build()
     have = (info.get("bckd") or {}).get("build")
     name = conn.target.name
@@ -338,6 +326,6 @@ def cmd_target(args: argparse.Namespace) -> None:
         if args.install and (info.get("bckd") or {}).get("build") != host_build():
             install(conn, log=lambda m: print(m, file=sys.stderr))
             print(f"bckd on the board: {verify_install(conn)}", file=sys.stderr)
-            info = conn.info()
+            info = conn.info(fresh=True)
         info["round_trip_s"] = round(time.perf_counter() - t0, 3)
         print(json.dumps(info, indent=2) if args.json else describe(info, conn.target))

@@ -2,12 +2,15 @@
 input size.
 
 A ``bckd run`` folder holds the deployed student as ONNX (FP32), its ONNX Runtime INT8 form
-(U8S8 Q/DQ), its OpenVINO IR (f32) and the symmetric Q/DQ model OpenVINO runs as INT8. This
-profiles the four with ``bckd profile`` (the CLI, each in its own process, dynamic H/W compiled
-at each ``--sizes`` value), ``--rounds`` rounds with the order rotated, and prints the INT8/FP32
-ratio of the medians per runtime and size::
+(U8S8 Q/DQ), its OpenVINO IR (f32) and the symmetric Q/DQ model OpenVINO runs as INT8, and
+where the run made one (``deploy.openvino_int8: nncf``, the detect / instance default) the NNCF
+INT8 IR. A run without the f32 IR has its ONNX profiled on OpenVINO instead (the same graph).
+This profiles each with ``bckd profile`` (the CLI, each in its own process, dynamic H/W compiled
+at each ``--sizes`` value) at each ``--threads`` count, ``--rounds`` rounds with the order
+rotated, and prints the INT8/FP32 ratio of the medians per runtime, size and thread count::
 
     python tests/benchmarks/bench_int8_sizes.py --run /tmp/q1 --sizes 128 256 512
+    python tests/benchmarks/bench_int8_sizes.py --run /tmp/bench-det/run-detect --threads 1 2
 
 Prints one JSON object (``--out`` writes it too).
 """
@@ -39,7 +42,7 @@ def main() -> None:
     ap.add_argument("--run", required=True, help="a bckd run folder")
     ap.add_argument("--student", default="student-bckd", help="deployed student's file stem")
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--out")
@@ -49,23 +52,35 @@ def main() -> None:
               "ort_int8": (run / "int8" / f"{s}.int8-u8s8.onnx", None),
               "ov_fp32": (run / "openvino" / f"{s}.xml", None),
               "ov_int8": (run / "int8" / f"{s}.int8.onnx", "openvino")}
+    if not models["ort_int8"][0].is_file():  # a run with deploy.ort_int8_activations: int8
+        models["ort_int8"] = (models["ov_int8"][0], None)
+    if not models["ov_fp32"][0].is_file():
+        models["ov_fp32"] = (models["ort_fp32"][0], "openvino")
+    if (run / "int8" / f"{s}.int8.xml").is_file():
+        models["ov_nncf_int8"] = (run / "int8" / f"{s}.int8.xml", None)
     for name, (path, _) in models.items():
         if not path.is_file():
             sys.exit(f"{path} is missing: pass a bckd run folder whose deployed student is {s}")
-    result = {"run": str(run), "threads": args.threads, "rounds": args.rounds, "sizes": {}}
+    result = {"run": str(run), "threads": args.threads, "rounds": args.rounds,
+              "models": {k: str(v[0]) for k, v in models.items()}, "sizes": {}}
     for size in args.sizes:
-        times: dict[str, list[float]] = {k: [] for k in models}
-        names = list(models)
-        for r in range(args.rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                path, backend = models[name]
-                times[name].append(p50(path, size, args.threads, args.seconds, backend))
-        med = {k: statistics.median(v) for k, v in times.items()}
-        result["sizes"][str(size)] = {
-            "p50_ms": {k: round(v, 3) for k, v in med.items()},
-            "ort_int8_over_fp32": round(med["ort_int8"] / med["ort_fp32"], 3),
-            "ov_int8_over_fp32": round(med["ov_int8"] / med["ov_fp32"], 3)}
-        print(size, result["sizes"][str(size)], flush=True)
+        for threads in args.threads:
+            times: dict[str, list[float]] = {k: [] for k in models}
+            names = list(models)
+            for r in range(args.rounds):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    path, backend = models[name]
+                    times[name].append(p50(path, size, threads, args.seconds, backend))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            row = {"p50_ms": {k: round(v, 3) for k, v in med.items()},
+                   "ort_int8_over_fp32": round(med["ort_int8"] / med["ort_fp32"], 3),
+                   "ov_int8_over_fp32": round(med["ov_int8"] / med["ov_fp32"], 3)}
+            if "ov_nncf_int8" in med:
+                row["ov_nncf_int8_over_fp32"] = round(med["ov_nncf_int8"] / med["ov_fp32"], 3)
+            # one thread count keeps the earlier layout: sizes -> row
+            key = str(size) if len(args.threads) == 1 else f"{size}/t{threads}"
+            result["sizes"][key] = row
+            print(key, row, flush=True)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_int8_sizes import p50  # noqa: E402
+from bench_int8_sizes import emit, sweep  # noqa: E402
 
 
 def swap_group_norms(module) -> int:
@@ -85,26 +84,13 @@ def main() -> None:
     if not (run / "checkpoints" / f"{args.student}.pt").is_file():
         sys.exit(f"{run}/checkpoints/{args.student}.pt is missing: pass a detect run folder")
     built = {v: build(run, args.student, work, v, args.calib_images) for v in ("gn", "bn")}
-    models = {f"{v}_{p}": built[v][p] for v in built for p in ("f32", "int8")}
+    models = {f"{v}_{p}": (built[v][p], None) for v in built for p in ("f32", "int8")}
     result = {"run": str(run), "student": args.student, "rounds": args.rounds,
               "group_norms_swapped": built["bn"]["group_norms_swapped"], "rows": {}}
-    for size in args.sizes:
-        for threads in args.threads:
-            times: dict[str, list[float]] = {k: [] for k in models}
-            names = list(models)
-            for r in range(args.rounds):
-                for name in names[r % len(names):] + names[:r % len(names)]:
-                    times[name].append(p50(models[name], size, threads, args.seconds, None))
-            med = {k: statistics.median(v) for k, v in times.items()}
-            row = {"p50_ms": {k: round(v, 3) for k, v in med.items()},
-                   "gn_int8_over_f32": round(med["gn_int8"] / med["gn_f32"], 3),
-                   "bn_int8_over_f32": round(med["bn_int8"] / med["bn_f32"], 3)}
-            result["rows"][f"{size}/t{threads}"] = row
-            print(f"{size}/t{threads}", row, flush=True)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    ratios = {f"{v}_int8_over_f32": (f"{v}_int8", f"{v}_f32") for v in built}
+    for size, threads, row in sweep(models, args, ratios):
+        result["rows"][f"{size}/t{threads}"] = row
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,6 +36,38 @@ def p50(model: Path, size: int, threads: int, seconds: float, backend: str | Non
     if proc.returncode:
         sys.exit(f"profile of {model} failed: {proc.stderr.strip()[-500:]}")
     return json.loads(proc.stdout)["latency_ms"]["p50"]
+
+
+def rotated_medians(models: dict[str, tuple[Path, str | None]], size: int, threads: int,
+                    rounds: int, seconds: float) -> dict[str, float]:
+    """Median p50 of each (path, backend) over ``rounds`` rounds, the order rotated each round."""
+    times: dict[str, list[float]] = {k: [] for k in models}
+    names = list(models)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            path, backend = models[name]
+            times[name].append(p50(path, size, threads, seconds, backend))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def sweep(models: dict[str, tuple[Path, str | None]], args: argparse.Namespace,
+          ratios: dict[str, tuple[str, str]]) -> Iterator[tuple[int, int, dict]]:
+    """(size, threads, row) over ``args.sizes`` x ``args.threads``: each row holds the medians and
+    the named ratios (numerator, denominator model), and is printed as it comes."""
+    for size in args.sizes:
+        for threads in args.threads:
+            med = rotated_medians(models, size, threads, args.rounds, args.seconds)
+            row = {"p50_ms": {k: round(v, 3) for k, v in med.items()},
+                   **{name: round(med[a] / med[b], 3) for name, (a, b) in ratios.items()}}
+            print(f"{size}/t{threads}", row, flush=True)
+            yield size, threads, row
+
+
+def emit(result: dict, out: str | None) -> None:
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
 
 
 def main() -> None:
@@ -63,28 +96,14 @@ def main() -> None:
             sys.exit(f"{path} is missing: pass a bckd run folder whose deployed student is {s}")
     result = {"run": str(run), "threads": args.threads, "rounds": args.rounds,
               "models": {k: str(v[0]) for k, v in models.items()}, "sizes": {}}
-    for size in args.sizes:
-        for threads in args.threads:
-            times: dict[str, list[float]] = {k: [] for k in models}
-            names = list(models)
-            for r in range(args.rounds):
-                for name in names[r % len(names):] + names[:r % len(names)]:
-                    path, backend = models[name]
-                    times[name].append(p50(path, size, threads, args.seconds, backend))
-            med = {k: statistics.median(v) for k, v in times.items()}
-            row = {"p50_ms": {k: round(v, 3) for k, v in med.items()},
-                   "ort_int8_over_fp32": round(med["ort_int8"] / med["ort_fp32"], 3),
-                   "ov_int8_over_fp32": round(med["ov_int8"] / med["ov_fp32"], 3)}
-            if "ov_nncf_int8" in med:
-                row["ov_nncf_int8_over_fp32"] = round(med["ov_nncf_int8"] / med["ov_fp32"], 3)
-            # one thread count keeps the earlier layout: sizes -> row
-            key = str(size) if len(args.threads) == 1 else f"{size}/t{threads}"
-            result["sizes"][key] = row
-            print(key, row, flush=True)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    ratios = {"ort_int8_over_fp32": ("ort_int8", "ort_fp32"),
+              "ov_int8_over_fp32": ("ov_int8", "ov_fp32")}
+    if "ov_nncf_int8" in models:
+        ratios["ov_nncf_int8_over_fp32"] = ("ov_nncf_int8", "ov_fp32")
+    for size, threads, row in sweep(models, args, ratios):
+        # one thread count keeps the earlier layout: sizes -> row
+        result["sizes"][str(size) if len(args.threads) == 1 else f"{size}/t{threads}"] = row
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -413,7 +413,8 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike, *, force: bool = False,
                 new = [measure(onnx_path, data_root, tmp, cfg, examples=examples)]
                 if deploy:
                     new += deploy_rows(onnx_path, data_root, tmp, cfg, log, examples)
-                rows += [dict(r, measured_on=host_measured_on()) for r in new]
+                here = host_measured_on()
+                rows += [dict(r, measured_on=here) for r in new]
             clock.done("measure", f"export{'' if remote else ' and measure'} of {role}/{method}")
         if remote is not None:
             rows += remote.measure(on_target, data_root, tmp, cfg, examples=examples)

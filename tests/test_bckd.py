@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from distill.losses import DistillInputs, LossContext, build_loss
+from distill.losses.bckd import balanced_pair_bce
 from distill.losses.bckd_ops import context_kl, context_mse, irnet_paths, pairwise_boundary
 from distill.losses.cwd import channel_wise_kl as spatial_kl
 from distill.models import build_segmentor, count_parameters
@@ -311,3 +312,53 @@ def test_semantic_teacher_boundary_uses_the_teachers_classes():
     assert loss(b).item() != pytest.approx(loss(_inputs(seed=1)).item())
     with pytest.raises(BckdError):
         build_loss("bckd", CTX, teacher_boundary="edges")
+
+
+def test_balanced_pair_bce_by_hand():
+    boundary = torch.tensor([0.1, 0.2, 0.9, 0.6], dtype=torch.float64)
+    different = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    want = 0.5 * (-(math.log(0.9 + 1e-5) + math.log(0.8 + 1e-5)) / 2
+                  - (math.log(0.9 + 1e-5) + math.log(0.6 + 1e-5)) / 2)
+    assert balanced_pair_bce(boundary, different).item() == pytest.approx(want, rel=1e-12)
+    # one side empty: that side contributes 0
+    assert balanced_pair_bce(boundary[:2], different[:2]).item() == pytest.approx(
+        0.5 * -(math.log(0.9 + 1e-5) + math.log(0.8 + 1e-5)) / 2, rel=1e-12)
+
+
+def test_fitted_teacher_boundary_trains_only_the_teachers_boundary_conv():
+    torch.manual_seed(3)
+    loss = build_loss("bckd", CTX, channels=16, teacher_boundary="fitted").train()
+    side = loss.teacher_side
+    assert side.edge.weight.requires_grad
+    assert not any(p.requires_grad for p in side.fusion.parameters())
+    a = _inputs(seed=1)
+    value = loss(a)
+    assert "boundary_fit" in loss.log_scalars() and loss.log_scalars()["boundary_fit"] > 0
+    # the distillation parts reach the student side only: the teacher's boundary is a target
+    loss.last_parts["boundary"].backward(retain_graph=True)
+    assert side.edge.weight.grad is None
+    assert loss.student_edge.weight.grad.abs().sum() > 0
+    value.backward()
+    assert side.edge.weight.grad.abs().sum() > 0
+    # the fit learns the teacher's class boundary: two regions split at a column, with the same
+    # step in every teacher stage
+    step = (torch.arange(64) >= 40).float()
+    a.teacher_logits = 8.0 * torch.stack([1 - step, step]).view(1, 2, 1, 64).expand(2, 2, 64, 64)
+    a.teacher_feats = [(torch.nn.functional.interpolate(step.expand(1, 1, 64, 64), size=t.shape[-2:])
+                        * 2 - 1).expand_as(t) + 0.05 * t for t in a.teacher_feats]
+    opt = torch.optim.Adam(side.edge.parameters(), lr=0.05)
+    fits = []
+    for _ in range(60):
+        opt.zero_grad()
+        _, _, _, edge_t = loss.features(a)
+        fit = loss.boundary_fit_loss(edge_t, a.teacher_logits)
+        fits.append(fit.item())
+        fit.backward()
+        opt.step()
+    assert fits[-1] < 0.5 * fits[0]
+    with torch.no_grad():
+        b = torch.sigmoid(loss.features(a)[3])[0, 0].mean(0)  # boundary score per column
+    assert b[4:6].mean() > b[:2].mean() + 0.2  # the columns around x = 40 / 8 = 5
+    with pytest.raises(BckdError):
+        build_loss("bckd", CTX, teacher_boundary="fitted", teacher_adapters="free")
+

@@ -8,8 +8,9 @@ marks [RECON] is a named option here with the spec's default:
   resized bilinearly to 1/``feature_stride`` of the input and concatenated (§2.1);
 * ``radius`` (0: 5 at stride 8, 10 at stride 4, shrunk when the map is narrower than the
   neighbourhood, e.g. 64-px inputs), ``pairs`` ('crop' | 'pad'), ``teacher_boundary``
-  ('soft' sigmoid | 'hard' binarised at 0.5 | 'semantic': the teacher's pair boundary is
-  1 − p_i·p_j of its class posteriors, AffinityNet's "different classes" boundary, soft): the
+  ('soft' sigmoid | 'hard' binarised at 0.5 | 'fitted': the teacher's C→1 conv trained by
+  IRNet's pair loss on the teacher's own classes, the student matching it | 'semantic': the
+  teacher's pair boundary is 1 − p_i·p_j of its class posteriors, AffinityNet's "different classes" boundary, soft): the
   IRNet line-max pairwise boundary from a 1×1 conv C→1 + sigmoid, compared by a τ-scaled
   spatial-softmax KL per offset (§2.3–2.4, §3);
 * ``context`` ('kl': row-softmax self-relation with a row KL, SERE-style; 'mse': Gram relation
@@ -61,6 +62,7 @@ from distill.losses.cwd import channel_wise_kl
 from distill.losses.functional import as_float, check_choice, full_precision
 
 TEACHER_ADAPTERS = ("frozen", "trained", "free")
+TEACHER_BOUNDARIES = ("soft", "hard", "semantic", "fitted")
 CHUNK_ELEMENTS = 1 << 22  # relation entries per C-KL block when context_chunk is automatic
 
 
@@ -176,7 +178,10 @@ class BCKDLoss(nn.Module):
         check_choice("context", context, ("kl", "mse"), "bckd")
         check_choice("decay", decay, ("epoch", "iter", "none"), "bckd")
         check_choice("teacher_adapters", teacher_adapters, TEACHER_ADAPTERS, "bckd")
-        check_choice("teacher_boundary", teacher_boundary, ("soft", "hard", "semantic"), "bckd")
+        check_choice("teacher_boundary", teacher_boundary, TEACHER_BOUNDARIES, "bckd")
+        if teacher_boundary == "fitted" and teacher_adapters != "frozen":
+            raise ValueError("teacher_boundary 'fitted' trains the teacher's boundary conv on "
+                             "frozen teacher adapters: use teacher_adapters 'frozen' with it")
         check_choice("pairs", pairs, ("crop", "pad"), "bckd")
         check_choice("adapter_norm", adapter_norm, ("none", "bn"), "bckd")
         check_choice("embed_norm", embed_norm, ("l2", "none"), "bckd")
@@ -194,6 +199,8 @@ class BCKDLoss(nn.Module):
         self.align = conv_norm_relu(channels, channels, 1, adapter_norm)
         self.teacher_side = TeacherSide(ctx.teacher_channels, channels, teacher_adapters, seed,
                                         adapter_norm)
+        if teacher_boundary == "fitted":  # only the C→1 boundary conv learns, from the fit loss
+            self.teacher_side.edge.requires_grad_(True)
         self.tau_bd = AdaptiveTemperature(tau_init, tau_factor, tau_bound, adapt_tau)
         self.tau_cd = AdaptiveTemperature(tau_init, tau_factor, tau_bound,
                                           adapt_tau and context == "kl")
@@ -215,6 +222,8 @@ class BCKDLoss(nn.Module):
         fs = self.student_fusion(inputs.student_feats, size)
         with torch.set_grad_enabled(self.teacher_side.mode == "trained" and torch.is_grad_enabled()):
             ft, edge_t = self.teacher_side([t.detach() for t in inputs.teacher_feats], size)
+        if self.teacher_boundary == "fitted":  # the boundary conv on the fixed F^T, with grad
+            edge_t = self.teacher_side.edge(ft.detach())
         return fs, ft, self.student_edge(fs), edge_t
 
     @staticmethod
@@ -253,6 +262,8 @@ class BCKDLoss(nn.Module):
         bs = pairwise_boundary(torch.sigmoid(as_float(edge_s)), radius, self.pairs)
         if self.teacher_boundary == "semantic":  # edge_t holds the teacher's class posteriors
             bt = pairwise_affinity_boundary(as_float(edge_t).detach(), radius, self.pairs)
+        elif self.teacher_boundary == "fitted":  # a target: the fit loss trains the conv
+            bt = pairwise_boundary(torch.sigmoid(as_float(edge_t)), radius, self.pairs).detach()
         else:
             prob_t = torch.sigmoid(as_float(edge_t))
             if self.teacher_boundary == "hard":
@@ -287,13 +298,36 @@ class BCKDLoss(nn.Module):
             edge_t = _posteriors(inputs.teacher_logits, edge_s.shape[-2:])
         l_bd = self.boundary_loss(edge_s, edge_t) if self.boundary_weight else fs.new_zeros(())
         l_cd = self.context_loss(fs, ft) if self.context_weight else fs.new_zeros(())
+        l_fit = (self.boundary_fit_loss(edge_t, inputs.teacher_logits)
+                 if self.teacher_boundary == "fitted" and self.boundary_weight else None)
         r = self.decay_factor(inputs)
         self.last_terms = {"boundary": float(l_bd.detach()), "context": float(l_cd.detach()),
                            "decay": r}
+        if l_fit is not None:  # teacher-side parameters only, so not decayed and not weighted
+            self.last_terms["boundary_fit"] = float(l_fit.detach())
         # the applied parts, graph attached, for the trainer's gradient probe
         self.last_parts = {"boundary": r * self.boundary_weight * as_float(l_bd),
                            "context": r * self.context_weight * as_float(l_cd)}
-        return r * (self.boundary_weight * as_float(l_bd) + self.context_weight * as_float(l_cd))
+        total = r * (self.boundary_weight * as_float(l_bd) + self.context_weight * as_float(l_cd))
+        return total if l_fit is None else total + l_fit
+
+    def boundary_fit_loss(self, edge_t: Tensor, teacher_logits: Tensor) -> Tensor:
+        """IRNet's pair loss fitting the teacher's boundary conv to the teacher's own classes.
+
+        The pair labels are the teacher's argmax classes at F's size (area-averaged posteriors):
+        a pair is negative ("boundary") when its two pixels differ. IRNet's loss on the pair
+        boundary B^T_ij (path max of the sigmoid map): −log(1 − B) on same-class pairs and
+        −log B on different-class pairs, the two means weighted ½ each (IRNet further splits the
+        same-class pairs into foreground and background; here the classes are not split). Only
+        the conv learns from it: F^T is detached.
+        """
+        radius = self.pair_radius(*edge_t.shape[-2:])
+        with full_precision(edge_t):
+            post = _posteriors(teacher_logits, edge_t.shape[-2:])
+            onehot = F.one_hot(post.argmax(1), post.shape[1]).permute(0, 3, 1, 2).to(post.dtype)
+            different = pairwise_affinity_boundary(onehot, radius, self.pairs)
+            bt = pairwise_boundary(torch.sigmoid(as_float(edge_t)), radius, self.pairs)
+            return balanced_pair_bce(bt, different)
 
     def log_scalars(self) -> dict[str, Any]:
         """Unweighted terms, r(t) and both temperatures, for TensorBoard."""
@@ -301,10 +335,23 @@ class BCKDLoss(nn.Module):
                 "tau_context": self.tau_cd.value}
 
 
+def balanced_pair_bce(boundary: Tensor, different: Tensor, eps: float = 1e-5) -> Tensor:
+    """½·mean(−log(1 − B)) over same-class pairs + ½·mean(−log B) over different-class pairs
+    (a class with no pair in the batch contributes 0)."""
+    neg = different > 0.5
+    pos_loss = -torch.log(1.0 - boundary + eps)
+    neg_loss = -torch.log(boundary + eps)
+    zero = boundary.new_zeros(())
+    pos = pos_loss[~neg].mean() if (~neg).any() else zero
+    negm = neg_loss[neg].mean() if neg.any() else zero
+    return 0.5 * (pos + negm)
+
+
 def _posteriors(logits: Tensor, size: tuple[int, int]) -> Tensor:
     """Softmax class posteriors of (B, K, H, W) segmentation logits, area-averaged to ``size``."""
     if logits.ndim != 4:
-        raise ValueError("teacher_boundary 'semantic' needs (B, K, H, W) segmentation logits; "
+        raise ValueError("teacher_boundary 'semantic' and 'fitted' need (B, K, H, W) "
+                         "segmentation logits; "
                          f"got {tuple(logits.shape)} (detectors: use 'soft' or 'hard')")
     p = torch.softmax(as_float(logits).detach(), dim=1)
     return F.adaptive_avg_pool2d(p, tuple(int(v) for v in size))

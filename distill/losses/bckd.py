@@ -10,9 +10,9 @@ marks [RECON] is a named option here with the spec's default:
   neighbourhood, e.g. 64-px inputs), ``pairs`` ('crop' | 'pad'), ``teacher_boundary``
   ('soft' sigmoid | 'hard' binarised at 0.5 | 'fitted': the teacher's C→1 conv trained by
   IRNet's pair loss on the teacher's own classes, the student matching it | 'semantic': the
-  teacher's pair boundary is 1 − p_i·p_j of its class posteriors, AffinityNet's "different classes" boundary, soft): the
-  IRNet line-max pairwise boundary from a 1×1 conv C→1 + sigmoid, compared by a τ-scaled
-  spatial-softmax KL per offset (§2.3–2.4, §3);
+  teacher's pair boundary is 1 − p_i·p_j of its class posteriors, AffinityNet's "different
+  classes" boundary, soft): the IRNet line-max pairwise boundary from a 1×1 conv C→1 +
+  sigmoid, compared by a τ-scaled spatial-softmax KL per offset (§2.3–2.4, §3);
 * ``context`` ('kl': row-softmax self-relation with a row KL, SERE-style; 'mse': Gram relation
   X Xᵀ/C with an MSE and the exact C×C shortcut), ``context_chunk`` (rows per block of the exact
   chunked C-KL; 0 = automatic, blocks of at most 2²² relation entries, 16 MiB in fp32); the student's features pass through the aligner A (1×1 conv +
@@ -220,10 +220,11 @@ class BCKDLoss(nn.Module):
         h, w = self.input_size(inputs)
         size = (-(-h // self.feature_stride), -(-w // self.feature_stride))
         fs = self.student_fusion(inputs.student_feats, size)
-        with torch.set_grad_enabled(self.teacher_side.mode == "trained" and torch.is_grad_enabled()):
+        # grad where teacher-side parameters learn: all of them ('trained'), or the boundary conv
+        # alone ('fitted': the frozen fusion records no graph, so F^T stays a constant)
+        learns = self.teacher_side.mode == "trained" or self.teacher_boundary == "fitted"
+        with torch.set_grad_enabled(learns and torch.is_grad_enabled()):
             ft, edge_t = self.teacher_side([t.detach() for t in inputs.teacher_feats], size)
-        if self.teacher_boundary == "fitted":  # the boundary conv on the fixed F^T, with grad
-            edge_t = self.teacher_side.edge(ft.detach())
         return fs, ft, self.student_edge(fs), edge_t
 
     @staticmethod
@@ -258,17 +259,21 @@ class BCKDLoss(nn.Module):
         with full_precision(edge_s):
             return self._boundary_kl(edge_s, edge_t, radius)
 
+    def teacher_pairs(self, edge_t: Tensor, radius: int) -> Tensor:
+        """B^T: the teacher's pair boundary from its boundary logits (class posteriors for
+        'semantic'), graph attached where teacher-side parameters learn."""
+        if self.teacher_boundary == "semantic":  # edge_t holds the teacher's class posteriors
+            return pairwise_affinity_boundary(as_float(edge_t).detach(), radius, self.pairs)
+        prob_t = torch.sigmoid(as_float(edge_t))
+        if self.teacher_boundary == "hard":
+            prob_t = (prob_t > 0.5).to(prob_t.dtype)
+        return pairwise_boundary(prob_t, radius, self.pairs)
+
     def _boundary_kl(self, edge_s: Tensor, edge_t: Tensor, radius: int) -> Tensor:
         bs = pairwise_boundary(torch.sigmoid(as_float(edge_s)), radius, self.pairs)
-        if self.teacher_boundary == "semantic":  # edge_t holds the teacher's class posteriors
-            bt = pairwise_affinity_boundary(as_float(edge_t).detach(), radius, self.pairs)
-        elif self.teacher_boundary == "fitted":  # a target: the fit loss trains the conv
-            bt = pairwise_boundary(torch.sigmoid(as_float(edge_t)), radius, self.pairs).detach()
-        else:
-            prob_t = torch.sigmoid(as_float(edge_t))
-            if self.teacher_boundary == "hard":
-                prob_t = (prob_t > 0.5).to(prob_t.dtype)
-            bt = pairwise_boundary(prob_t, radius, self.pairs)
+        bt = self.teacher_pairs(edge_t, radius)
+        if self.teacher_boundary == "fitted":  # a target: the fit loss trains the conv
+            bt = bt.detach()
         self.tau_bd.update(bt)
         # L_bd is CWD's spatial-softmax KL with each offset as a channel (method.md §2.4)
         return channel_wise_kl(bs, bt, self.tau_bd.tau.to(bs.dtype), self._detach_teacher)
@@ -323,11 +328,16 @@ class BCKDLoss(nn.Module):
         """
         radius = self.pair_radius(*edge_t.shape[-2:])
         with full_precision(edge_t):
-            post = _posteriors(teacher_logits, edge_t.shape[-2:])
-            onehot = F.one_hot(post.argmax(1), post.shape[1]).permute(0, 3, 1, 2).to(post.dtype)
-            different = pairwise_affinity_boundary(onehot, radius, self.pairs)
-            bt = pairwise_boundary(torch.sigmoid(as_float(edge_t)), radius, self.pairs)
-            return balanced_pair_bce(bt, different)
+            different = self.different_classes(teacher_logits, edge_t.shape[-2:], radius)
+            return balanced_pair_bce(self.teacher_pairs(edge_t, radius), different)
+
+    def different_classes(self, teacher_logits: Tensor, size: tuple[int, int],
+                          radius: int) -> Tensor:
+        """1 where a pair's two pixels have different teacher argmax classes at ``size``, else 0,
+        in the pair layout of :meth:`teacher_pairs`."""
+        post = _posteriors(teacher_logits, size)
+        onehot = F.one_hot(post.argmax(1), post.shape[1]).permute(0, 3, 1, 2).to(post.dtype)
+        return pairwise_affinity_boundary(onehot, radius, self.pairs)
 
     def log_scalars(self) -> dict[str, Any]:
         """Unweighted terms, r(t) and both temperatures, for TensorBoard."""

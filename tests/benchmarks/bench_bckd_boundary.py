@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from distill.checkpoint import load_student  # noqa: E402
 from distill.data import SegDataset  # noqa: E402
 from distill.losses.bckd import _posteriors  # noqa: E402
-from distill.losses.bckd_ops import pairwise_affinity_boundary, pairwise_boundary  # noqa: E402
 from distill.trainer import build_task  # noqa: E402
 from runtime.config import RunConfig  # noqa: E402
 from runtime.data import open_dataset  # noqa: E402
@@ -62,15 +61,10 @@ def score_run(out: Path, run: str, val: SegDataset, cfg: RunConfig, teacher) -> 
                                               size=x.shape[-2:])
             _, _, edge_s, edge_t = loss.features(inputs)
             radius = loss.pair_radius(*edge_s.shape[-2:])
-            if loss.teacher_boundary == "semantic":
+            if loss.teacher_boundary == "semantic":  # as BCKDLoss.forward: the class posteriors
                 edge_t = _posteriors(inputs.teacher_logits, edge_s.shape[-2:])
-                bt = pairwise_affinity_boundary(edge_t, radius, loss.pairs)
-            else:
-                bt = pairwise_boundary(torch.sigmoid(edge_t.float()), radius, loss.pairs)
-            post = _posteriors(inputs.teacher_logits, edge_s.shape[-2:])
-            onehot = torch.nn.functional.one_hot(post.argmax(1), post.shape[1])
-            different = pairwise_affinity_boundary(onehot.permute(0, 3, 1, 2).float(), radius,
-                                                   loss.pairs)
+            bt = loss.teacher_pairs(edge_t, radius)
+            different = loss.different_classes(inputs.teacher_logits, edge_s.shape[-2:], radius)
             scores.append(bt.flatten().numpy())
             labels.append((different > 0.5).flatten().numpy())
     b, y = np.concatenate(scores), np.concatenate(labels)
@@ -91,7 +85,6 @@ def main() -> None:
     src = open_dataset(out / "data", cfg.data.val_split)
     val = SegDataset(src, Preprocess(size=tuple(cfg.data.input_size),
                                      ignore_index=src.ignore_index), None)
-    val.source = src
     teacher, _ = load_student(out / "teacher.pt")
     torch.set_grad_enabled(False)
     print("| run | different-class pairs | AUC of B^T | balanced accuracy | B^T mean | B^T std |")

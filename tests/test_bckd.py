@@ -11,6 +11,7 @@ from distill.losses.bckd import balanced_pair_bce
 from distill.losses.bckd_ops import context_kl, context_mse, irnet_paths, pairwise_boundary
 from distill.losses.cwd import channel_wise_kl as spatial_kl
 from distill.models import build_segmentor, count_parameters
+from loss_inputs import DET_CTX
 from runtime.errors import BckdError
 
 CTX = LossContext(student_channels=(4, 8, 8, 16), teacher_channels=(8, 8, 16, 16),
@@ -147,7 +148,7 @@ def test_gradcheck_whole_loss_through_student_features_in_float64():
 
 def test_loss_terms_weights_decay_and_teacher_gets_no_gradient():
     torch.manual_seed(7)
-    loss = build_loss("bckd", CTX, channels=16).train()
+    loss = build_loss("bckd", CTX, channels=16, teacher_boundary="soft").train()
     inputs = _inputs(epoch=1, epochs=4)
     for t in inputs.teacher_feats:
         t.requires_grad_()
@@ -162,6 +163,23 @@ def test_loss_terms_weights_decay_and_teacher_gets_no_gradient():
     assert all(p.grad is None for p in loss.teacher_side.parameters())
     assert loss.student_fusion.convs[0][0].weight.grad is not None
     assert loss.align[0].weight.grad is not None
+
+
+def test_default_teacher_boundary_is_fitted_for_segmentation_only():
+    torch.manual_seed(7)
+    loss = build_loss("bckd", CTX, channels=16).train()
+    assert loss.teacher_boundary == "fitted"
+    value = loss(_inputs(epoch=1, epochs=4))
+    terms = loss.log_scalars()
+    # the fit loss trains the teacher's boundary conv only: added neither decayed nor weighted
+    expect = 0.75 * (10 * terms["boundary"] + 5 * terms["context"]) + terms["boundary_fit"]
+    assert value.item() == pytest.approx(expect, rel=1e-5)
+    # 'fitted' needs per-pixel teacher classes and a frozen F^T: detectors and the other
+    # teacher sides get the frozen conv's sigmoid
+    assert build_loss("bckd", DET_CTX, channels=16).teacher_boundary == "soft"
+    for side in ("free", "trained"):
+        assert build_loss("bckd", CTX, channels=16,
+                          teacher_adapters=side).teacher_boundary == "soft"
 
 
 @pytest.mark.parametrize("decay, epoch, progress, expect", [
@@ -197,7 +215,8 @@ def test_mse_context_keeps_its_temperature_fixed():
 
 @pytest.mark.parametrize("mode, trainable", [("frozen", False), ("trained", True), ("free", None)])
 def test_teacher_adapter_modes(mode, trainable):
-    loss = build_loss("bckd", CTX, channels=16, teacher_adapters=mode)
+    # the soft boundary: 'fitted' (the segmentation default) trains the frozen side's edge conv
+    loss = build_loss("bckd", CTX, channels=16, teacher_adapters=mode, teacher_boundary="soft")
     params = list(loss.teacher_side.parameters())
     if trainable is None:
         assert params == []
@@ -216,7 +235,8 @@ def test_trained_teacher_adapters_change_training(context):
     """'trained' must not be 'frozen' under another name: the teacher side gets a gradient."""
     grads = {}
     for mode in ("frozen", "trained"):
-        loss = build_loss("bckd", CTX, channels=16, teacher_adapters=mode, context=context)
+        loss = build_loss("bckd", CTX, channels=16, teacher_adapters=mode, context=context,
+                          teacher_boundary="soft")
         loss(_inputs()).backward()
         grads[mode] = sum(float(p.grad.abs().sum()) for p in loss.teacher_side.parameters()
                           if p.grad is not None)
@@ -296,6 +316,17 @@ def test_affinity_boundary_is_one_across_classes_and_zero_within():
     soft = torch.softmax(torch.randn(2, 3, 9, 11, dtype=torch.float64), dim=1)
     got = pairwise_affinity_boundary(soft, 3, "pad")
     assert got.shape[-2:] == (9, 11) and got.min() >= 0 and got.max() <= 1
+
+
+@pytest.mark.parametrize("pairs", ["crop", "pad"])
+def test_class_change_is_the_affinity_boundary_of_one_hot_classes(pairs):
+    from distill.losses.bckd_ops import pairwise_affinity_boundary, pairwise_class_change
+
+    labels = torch.randint(0, 4, (2, 1, 9, 13), generator=torch.Generator().manual_seed(5))
+    onehot = torch.nn.functional.one_hot(labels[:, 0], 4).permute(0, 3, 1, 2).float()
+    got = pairwise_class_change(labels, 4, pairs)
+    assert torch.equal(got, pairwise_affinity_boundary(onehot, 4, pairs))
+    assert 0 < got.mean() < 1
 
 
 def test_semantic_teacher_boundary_uses_the_teachers_classes():

@@ -24,7 +24,7 @@ GOLDEN = Path(__file__).parent / "golden" / "losses.json"
 VARIANTS = {
     "bckd": [{"context": "mse"}, {"teacher_adapters": "free"}, {"teacher_adapters": "trained"},
              {"feature_stride": 4}, {"teacher_boundary": "hard"}, {"pairs": "pad"},
-             {"context_chunk": 16}],
+             {"context_chunk": 16}, {"teacher_boundary": "soft"}, {"teacher_boundary": "fitted"}],
     "kd": [{"tau": 4.0}],
     "cwd": [{"on": "decoder"}],
     "cirkd": [{"variant": "memory"}, {"variant": "both"}],

@@ -8,11 +8,15 @@ marks [RECON] is a named option here with the spec's default:
   resized bilinearly to 1/``feature_stride`` of the input and concatenated (§2.1);
 * ``radius`` (0: 5 at stride 8, 10 at stride 4, shrunk when the map is narrower than the
   neighbourhood, e.g. 64-px inputs), ``pairs`` ('crop' | 'pad'), ``teacher_boundary``
-  ('soft' sigmoid | 'hard' binarised at 0.5 | 'fitted': the teacher's C→1 conv trained by
-  IRNet's pair loss on the teacher's own classes, the student matching it | 'semantic': the
-  teacher's pair boundary is 1 − p_i·p_j of its class posteriors, AffinityNet's "different
-  classes" boundary, soft): the IRNet line-max pairwise boundary from a 1×1 conv C→1 +
-  sigmoid, compared by a τ-scaled spatial-softmax KL per offset (§2.3–2.4, §3);
+  ('auto', the default: 'fitted' for segmentation with frozen teacher adapters, else 'soft' |
+  'soft' sigmoid of the frozen conv | 'hard' binarised at 0.5 | 'fitted': the teacher's C→1
+  conv trained by IRNet's pair loss on the teacher's own classes, the student matching it, so
+  B^T is the paper's "explicit object-level boundary" | 'semantic': the teacher's pair boundary
+  is 1 − p_i·p_j of its class posteriors, AffinityNet's "different classes" boundary, soft):
+  the IRNet line-max pairwise boundary from a 1×1 conv C→1 + sigmoid, compared by a τ-scaled
+  spatial-softmax KL per offset (§2.3–2.4, §3). 'fitted' beat 'soft' on each of 5 seeds, on
+  validation and held-out (docs/distillation.md); detectors have no class map per pixel, so
+  'auto' gives them 'soft';
 * ``context`` ('kl': row-softmax self-relation with a row KL, SERE-style; 'mse': Gram relation
   X Xᵀ/C with an MSE and the exact C×C shortcut), ``context_chunk`` (rows per block of the exact
   chunked C-KL; 0 = automatic, blocks of at most 2²² relation entries, 16 MiB in fp32); the student's features pass through the aligner A (1×1 conv +
@@ -57,12 +61,12 @@ from torch import Tensor, nn
 
 from distill.losses.base import DETECT_LOSSES, LOSSES, DistillInputs, LossContext
 from distill.losses.bckd_ops import (context_kl, context_mse, pairwise_affinity_boundary,
-                                     pairwise_boundary)
+                                     pairwise_boundary, pairwise_class_change)
 from distill.losses.cwd import channel_wise_kl
 from distill.losses.functional import as_float, check_choice, full_precision
 
 TEACHER_ADAPTERS = ("frozen", "trained", "free")
-TEACHER_BOUNDARIES = ("soft", "hard", "semantic", "fitted")
+TEACHER_BOUNDARIES = ("auto", "soft", "hard", "semantic", "fitted")
 CHUNK_ELEMENTS = 1 << 22  # relation entries per C-KL block when context_chunk is automatic
 
 
@@ -168,7 +172,7 @@ class BCKDLoss(nn.Module):
     needs_features = True
 
     def __init__(self, *, ctx: LossContext, channels: int = 256, feature_stride: int = 8,
-                 radius: int = 0, pairs: str = "crop", teacher_boundary: str = "soft",
+                 radius: int = 0, pairs: str = "crop", teacher_boundary: str = "auto",
                  context: str = "kl", context_chunk: int = 0, boundary_weight: float = 10.0,
                  context_weight: float = 5.0, decay: str = "epoch", tau_init: float = 1.0,
                  tau_factor: float = 1.05, tau_bound: float = 0.5, adapt_tau: bool = True,
@@ -179,6 +183,10 @@ class BCKDLoss(nn.Module):
         check_choice("decay", decay, ("epoch", "iter", "none"), "bckd")
         check_choice("teacher_adapters", teacher_adapters, TEACHER_ADAPTERS, "bckd")
         check_choice("teacher_boundary", teacher_boundary, TEACHER_BOUNDARIES, "bckd")
+        if teacher_boundary == "auto":  # 'fitted' needs per-pixel classes and a frozen F^T
+            segmentation = not ctx.student_fpn_channels
+            teacher_boundary = ("fitted" if segmentation and teacher_adapters == "frozen"
+                                else "soft")
         if teacher_boundary == "fitted" and teacher_adapters != "frozen":
             raise ValueError("teacher_boundary 'fitted' trains the teacher's boundary conv on "
                              "frozen teacher adapters: use teacher_adapters 'frozen' with it")
@@ -253,11 +261,13 @@ class BCKDLoss(nn.Module):
             return default
         return max(2, min(default, height, (width - 1) // 2 + 1))
 
-    def boundary_loss(self, edge_s: Tensor, edge_t: Tensor) -> Tensor:
-        """L_bd between the pairwise boundaries of the two boundary logit maps."""
+    def boundary_loss(self, edge_s: Tensor, edge_t: Tensor,
+                      pairs_t: Tensor | None = None) -> Tensor:
+        """L_bd between the pairwise boundaries of the two boundary logit maps (``pairs_t``:
+        B^T when already computed, as for the fit loss)."""
         radius = self.pair_radius(*edge_s.shape[-2:])
         with full_precision(edge_s):
-            return self._boundary_kl(edge_s, edge_t, radius)
+            return self._boundary_kl(edge_s, edge_t, radius, pairs_t)
 
     def teacher_pairs(self, edge_t: Tensor, radius: int) -> Tensor:
         """B^T: the teacher's pair boundary from its boundary logits (class posteriors for
@@ -269,9 +279,10 @@ class BCKDLoss(nn.Module):
             prob_t = (prob_t > 0.5).to(prob_t.dtype)
         return pairwise_boundary(prob_t, radius, self.pairs)
 
-    def _boundary_kl(self, edge_s: Tensor, edge_t: Tensor, radius: int) -> Tensor:
+    def _boundary_kl(self, edge_s: Tensor, edge_t: Tensor, radius: int,
+                     pairs_t: Tensor | None = None) -> Tensor:
         bs = pairwise_boundary(torch.sigmoid(as_float(edge_s)), radius, self.pairs)
-        bt = self.teacher_pairs(edge_t, radius)
+        bt = self.teacher_pairs(edge_t, radius) if pairs_t is None else pairs_t
         if self.teacher_boundary == "fitted":  # a target: the fit loss trains the conv
             bt = bt.detach()
         self.tau_bd.update(bt)
@@ -301,10 +312,12 @@ class BCKDLoss(nn.Module):
         fs, ft, edge_s, edge_t = self.features(inputs)
         if self.teacher_boundary == "semantic":  # the teacher's class posteriors at F's size
             edge_t = _posteriors(inputs.teacher_logits, edge_s.shape[-2:])
-        l_bd = self.boundary_loss(edge_s, edge_t) if self.boundary_weight else fs.new_zeros(())
+        l_fit = pairs_t = None
+        if self.teacher_boundary == "fitted" and self.boundary_weight:  # B^T once, for both
+            l_fit, pairs_t = self.boundary_fit(edge_t, inputs.teacher_logits)
+        l_bd = (self.boundary_loss(edge_s, edge_t, pairs_t) if self.boundary_weight
+                else fs.new_zeros(()))
         l_cd = self.context_loss(fs, ft) if self.context_weight else fs.new_zeros(())
-        l_fit = (self.boundary_fit_loss(edge_t, inputs.teacher_logits)
-                 if self.teacher_boundary == "fitted" and self.boundary_weight else None)
         r = self.decay_factor(inputs)
         self.last_terms = {"boundary": float(l_bd.detach()), "context": float(l_cd.detach()),
                            "decay": r}
@@ -326,18 +339,22 @@ class BCKDLoss(nn.Module):
         same-class pairs into foreground and background; here the classes are not split). Only
         the conv learns from it: F^T is detached.
         """
+        return self.boundary_fit(edge_t, teacher_logits)[0]
+
+    def boundary_fit(self, edge_t: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """The fit loss of :meth:`boundary_fit_loss` and the B^T it scored (graph attached)."""
         radius = self.pair_radius(*edge_t.shape[-2:])
         with full_precision(edge_t):
             different = self.different_classes(teacher_logits, edge_t.shape[-2:], radius)
-            return balanced_pair_bce(self.teacher_pairs(edge_t, radius), different)
+            pairs_t = self.teacher_pairs(edge_t, radius)
+            return balanced_pair_bce(pairs_t, different), pairs_t
 
     def different_classes(self, teacher_logits: Tensor, size: tuple[int, int],
                           radius: int) -> Tensor:
         """1 where a pair's two pixels have different teacher argmax classes at ``size``, else 0,
         in the pair layout of :meth:`teacher_pairs`."""
-        post = _posteriors(teacher_logits, size)
-        onehot = F.one_hot(post.argmax(1), post.shape[1]).permute(0, 3, 1, 2).to(post.dtype)
-        return pairwise_affinity_boundary(onehot, radius, self.pairs)
+        labels = _posteriors(teacher_logits, size).argmax(1, keepdim=True)
+        return pairwise_class_change(labels, radius, self.pairs)
 
     def log_scalars(self) -> dict[str, Any]:
         """Unweighted terms, r(t) and both temperatures, for TensorBoard."""

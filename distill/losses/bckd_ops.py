@@ -101,6 +101,18 @@ def pairwise_affinity_boundary(p: Tensor, radius: int, pairs: str = "crop") -> T
                         for dy, dx in ends], dim=1)
 
 
+def pairwise_class_change(labels: Tensor, radius: int, pairs: str = "crop") -> Tensor:
+    """1 where a pair's two pixels carry different labels, else 0: (B, 1, H, W) integer class
+    maps -> (B, K, H'', W''), the hard case of :func:`pairwise_affinity_boundary` (one-hot
+    posteriors) at one comparison per offset ('pad': outside the map counts as a change)."""
+    x, height, width = _pair_layout(labels.float(), radius, pairs, fill=-1.0)
+    r1 = radius - 1
+    source = x[:, :, :height, r1:r1 + width]
+    ends = [path[-1] for path in irnet_paths(radius)]
+    return torch.cat([(source != x[:, :, dy:dy + height, r1 + dx:r1 + dx + width])
+                      for dy, dx in ends], dim=1).float()
+
+
 # --------------------------------------------------------------------------------------------
 # Context (§2.5): C-KL (row-softmax self-relation, chunked) and C-MSE (Gram shortcut)
 # --------------------------------------------------------------------------------------------

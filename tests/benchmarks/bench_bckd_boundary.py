@@ -49,7 +49,7 @@ def score_run(out: Path, run: str, val: SegDataset, cfg: RunConfig, teacher) -> 
     state = torch.load(out / "runs" / f"{run}.pt.state.pt", map_location="cpu", weights_only=False)
     task = build_task(cfg.student, cfg.student_train, val.source.classes, val.source.ignore_index,
                       torch.device("cpu"), teacher=teacher, method=record["method"],
-                      kd_options=record["options"])
+                      kd_options=record.get("settings") or record["options"])  # as trained
     task.load_state_dict(state["task"])
     loss = task.losses["bckd"].eval()
     scores, labels = [], []

@@ -18,6 +18,7 @@ runs from the same teacher (``--out``'s ``teacher.pt``), so a new teacher means 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
 import statistics
@@ -33,6 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from distill.checkpoint import load_student  # noqa: E402
 from distill.data import SegDataset  # noqa: E402
+from distill.losses import LOSSES  # noqa: E402
+from distill.losses.base import method_names  # noqa: E402
 from distill.run import distill_stage  # noqa: E402
 from runtime.boundary import BoundaryMeter  # noqa: E402
 from runtime.config import KDConfig, RunConfig  # noqa: E402
@@ -144,10 +147,34 @@ def main() -> None:
     for name, seed in order:
         method, options = variants[name]
         record = out / "runs" / f"{name.replace('/', '_')}-s{seed}.json"
+        if record.is_file() and not args.table_only and stale(record, method, options):
+            print(f"{name} seed {seed}: its record was trained under other loss settings "
+                  "(a default changed); training it again", flush=True)
+            record.unlink()
         if not record.is_file() and not args.table_only:
             run_one(cfg, data, teacher, name, method, options, seed, record, val,
                     teacher_pred, targets, val_src.classes, split)
     write_table(out, variants, results)
+
+
+def loss_settings(method: str, options: dict) -> dict:
+    """Every option of each loss of ``method``: its defaults, updated by ``options``."""
+    settings = {}
+    for name in method_names(method, options):
+        cls = LOSSES.get(name)
+        values = {"weight": getattr(cls, "default_weight", 1.0)}
+        values.update({k: p.default for k, p in inspect.signature(cls).parameters.items()
+                       if k != "ctx" and p.default is not inspect.Parameter.empty})
+        values.update(options.get(name) or {})
+        settings[name] = values
+    return settings
+
+
+def stale(record: Path, method: str, options: dict) -> bool:
+    """Whether a kept run was trained under loss settings other than today's (a default
+    changed since). Records from before settings were kept count as current."""
+    kept = json.loads(record.read_text()).get("settings")
+    return kept is not None and kept != json.loads(json.dumps(loss_settings(method, options)))
 
 
 def heldout_data(out: Path, cfg) -> Path:
@@ -183,7 +210,8 @@ def run_one(cfg, data, teacher, name, method, options, seed, record, val, teache
     if any(probes):
         scores["grad_probes"] = probes  # per epoch: gradient norms and cosines to the task's
     scores.update(seconds=round(time.perf_counter() - start, 1), seed=seed, variant=name,
-                  method=method, options=options, epochs=cfg.student_train.epochs)
+                  method=method, options=options, settings=loss_settings(method, options),
+                  epochs=cfg.student_train.epochs)
     record.write_text(json.dumps(scores, indent=1))
     print(f"{name:32s} seed {seed}: " + "  ".join(f"{k} {scores[k]:.2f}" for k in METRICS)
           + f"  ({scores['seconds']:.0f} s)", flush=True)

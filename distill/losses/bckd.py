@@ -329,8 +329,9 @@ class BCKDLoss(nn.Module):
         total = r * (self.boundary_weight * as_float(l_bd) + self.context_weight * as_float(l_cd))
         return total if l_fit is None else total + l_fit
 
-    def boundary_fit_loss(self, edge_t: Tensor, teacher_logits: Tensor) -> Tensor:
-        """IRNet's pair loss fitting the teacher's boundary conv to the teacher's own classes.
+    def boundary_fit(self, edge_t: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """IRNet's pair loss fitting the teacher's boundary conv to the teacher's own classes,
+        and the B^T it scored (graph attached), which L_bd reuses detached.
 
         The pair labels are the teacher's argmax classes at F's size (area-averaged posteriors):
         a pair is negative ("boundary") when its two pixels differ. IRNet's loss on the pair
@@ -339,10 +340,6 @@ class BCKDLoss(nn.Module):
         same-class pairs into foreground and background; here the classes are not split). Only
         the conv learns from it: F^T is detached.
         """
-        return self.boundary_fit(edge_t, teacher_logits)[0]
-
-    def boundary_fit(self, edge_t: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
-        """The fit loss of :meth:`boundary_fit_loss` and the B^T it scored (graph attached)."""
         radius = self.pair_radius(*edge_t.shape[-2:])
         with full_precision(edge_t):
             different = self.different_classes(teacher_logits, edge_t.shape[-2:], radius)

@@ -85,6 +85,16 @@ def pairwise_boundary(b: Tensor, radius: int, pairs: str = "crop") -> Tensor:
     return gathered.amax(dim=2)
 
 
+def _pair_ends(x: Tensor, radius: int, pairs: str, fill: float):
+    """Per IRNet offset, the (source, partner) views of the map ``x`` in the pair layout."""
+    x, height, width = _pair_layout(x, radius, pairs, fill)
+    r1 = radius - 1
+    source = x[:, :, :height, r1:r1 + width]
+    for path in irnet_paths(radius):
+        dy, dx = path[-1]
+        yield source, x[:, :, dy:dy + height, r1 + dx:r1 + dx + width]
+
+
 def pairwise_affinity_boundary(p: Tensor, radius: int, pairs: str = "crop") -> Tensor:
     """B_ij = 1 − p_i·p_j for IRNet's offsets: (B, C, H, W) class posteriors -> (B, K, H'', W'').
 
@@ -93,24 +103,16 @@ def pairwise_affinity_boundary(p: Tensor, radius: int, pairs: str = "crop") -> T
     §2.3), soft. Same offsets and layout as :func:`pairwise_boundary` ('pad' pads with zero
     posteriors, i.e. boundary 1 outside the map).
     """
-    p, height, width = _pair_layout(p, radius, pairs, fill=0.0)
-    r1 = radius - 1
-    source = p[:, :, :height, r1:r1 + width]
-    ends = [path[-1] for path in irnet_paths(radius)]
-    return torch.stack([1.0 - (source * p[:, :, dy:dy + height, r1 + dx:r1 + dx + width]).sum(1)
-                        for dy, dx in ends], dim=1)
+    return torch.stack([1.0 - (i * j).sum(1) for i, j in _pair_ends(p, radius, pairs, 0.0)],
+                       dim=1)
 
 
 def pairwise_class_change(labels: Tensor, radius: int, pairs: str = "crop") -> Tensor:
     """1 where a pair's two pixels carry different labels, else 0: (B, 1, H, W) integer class
     maps -> (B, K, H'', W''), the hard case of :func:`pairwise_affinity_boundary` (one-hot
     posteriors) at one comparison per offset ('pad': outside the map counts as a change)."""
-    x, height, width = _pair_layout(labels.float(), radius, pairs, fill=-1.0)
-    r1 = radius - 1
-    source = x[:, :, :height, r1:r1 + width]
-    ends = [path[-1] for path in irnet_paths(radius)]
-    return torch.cat([(source != x[:, :, dy:dy + height, r1 + dx:r1 + dx + width])
-                      for dy, dx in ends], dim=1).float()
+    return torch.cat([i != j for i, j in _pair_ends(labels.float(), radius, pairs, -1.0)],
+                     dim=1).float()
 
 
 # --------------------------------------------------------------------------------------------

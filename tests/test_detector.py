@@ -91,6 +91,38 @@ def test_outputs_and_taps_shapes(head, masks):
     assert model.fpn_channels == 16 and model.num_classes == 3
 
 
+@pytest.mark.parametrize("num_convs", [0, 1, 3])
+@pytest.mark.parametrize("head", HEADS)
+def test_eval_towers_fused_equal_the_two_towers(head, num_convs):
+    model = detector(head, masks=True, num_convs=num_convs)
+    with torch.no_grad():  # distinct towers, norms that are not the identity
+        for p in model.head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    feats = [torch.randn(2, 16, 8, 12), torch.randn(2, 16, 4, 6), torch.randn(2, 16, 2, 3)]
+    with torch.no_grad():
+        two = model.head.train()(feats)
+        one = model.head.eval()(feats)
+    for key in ("cls_logits", "reg", "mask_coeffs"):
+        torch.testing.assert_close(one[key], two[key], rtol=0, atol=1e-5)
+    for key in ("cls_feats", "reg_feats"):
+        for a, b in zip(one[key], two[key]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_export_has_one_fused_tower_of_constant_weights():
+    onnx = pytest.importorskip("onnx")
+    model = exportable("gfl")  # num_convs 1: per level one tower conv, 3 output convs
+    graph = onnx.load_from_string(export_onnx(model)).graph
+    consts = {i.name for i in graph.initializer} | {
+        o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert all(n.input[1] in consts for n in convs)  # weights folded, quantizable
+    backbone = sum(1 for m in model.modules() if isinstance(m, torch.nn.Conv2d)) - (
+        sum(1 for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)))
+    per_level = 1 + 3  # fused tower + cls_out, reg_out, coeff_out; unfused it would be 2 + 3
+    assert len(convs) == backbone + 3 * per_level
+
+
 def test_gfl_priors_and_strides():
     model = detector("gfl")
     with torch.no_grad():

@@ -62,6 +62,26 @@ def _tower(in_channels: int, channels: int, num_convs: int) -> nn.Sequential:
                            for i in range(num_convs)))
 
 
+def fused_towers(cls_tower: nn.Sequential, reg_tower: nn.Sequential, x: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+    """The cls and reg towers run as one (horizontal fusion), exactly: the first convs share
+    their input and stack into one conv with twice the filters, the later ones become one conv
+    of 2 groups, and GroupNorm with twice the groups over the stacked channels normalises each
+    tower's groups as before (GN groups are contiguous channel runs). Half the convolutions and
+    norms per level: at the default 128² input the towers' convs are so small that per-layer
+    overhead dominates, and the fused head is 15-20 % faster on OpenVINO INT8 (docs/detection.md).
+    The weights are concatenated in the graph; the exporter folds them into constants."""
+    for i, ((cls_conv, cls_norm, _), (reg_conv, reg_norm, _)) in enumerate(
+            zip(cls_tower, reg_tower)):
+        x = F.conv2d(x, torch.cat([cls_conv.weight, reg_conv.weight]), padding=1,
+                     groups=1 if i == 0 else 2)
+        x = F.relu(F.group_norm(x, 2 * cls_norm.num_groups,
+                                torch.cat([cls_norm.weight, reg_norm.weight]),
+                                torch.cat([cls_norm.bias, reg_norm.bias]), cls_norm.eps))
+    half = x.shape[1] // 2
+    return x[:, :half], x[:, half:]
+
+
 class Scale(nn.Module):
     """A learnable scalar (init 1) multiplying one level's regression output (FCOS/GFL)."""
 
@@ -127,6 +147,15 @@ class DenseHead(nn.Module):
                     nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls_out.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
 
+    def _towers(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(cls, reg) tower outputs of one level: two towers when training, one fused tower in
+        eval (so in every export), the same function of the same weights. Towers whose norms
+        are not GroupNorm (swapped by a user or a benchmark) run unfused."""
+        units = (*self.cls_convs, *self.reg_convs)
+        if self.training or not units or not all(isinstance(u[1], nn.GroupNorm) for u in units):
+            return self.cls_convs(x), self.reg_convs(x)
+        return fused_towers(self.cls_convs, self.reg_convs, x)
+
     def forward(self, feats: Sequence[Tensor]) -> dict[str, Any]:
         """Per-prior outputs over all levels: ``cls_logits`` (B, N, C), ``reg`` (head-specific),
         ``mask_coeffs`` (B, N, k) when the head has them; ``cls_feats`` / ``reg_feats`` are the
@@ -136,7 +165,7 @@ class DenseHead(nn.Module):
         out: dict[str, list[Tensor]] = {"cls_logits": [], "reg": [], "mask_coeffs": [],
                                         "cls_feats": [], "reg_feats": []}
         for level, x in enumerate(feats):
-            cls_feat, reg_feat = self.cls_convs(x), self.reg_convs(x)
+            cls_feat, reg_feat = self._towers(x)
             out["cls_feats"].append(cls_feat)
             out["reg_feats"].append(reg_feat)
             out["cls_logits"].append(_per_prior(self.cls_out(cls_feat), self.num_anchors))
